@@ -13,8 +13,10 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
+# --dist load: a test whose worker dies (a native crash) is reported once by name and the
+# rest of the suite still runs; PYTHONFAULTHANDLER also covers the tests' child processes.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadfile tests
+	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -n 2 --dist load tests
 
 demo: $(STAMP)
 	$(BIN)/cellnet demo --out runs/demo

@@ -3,9 +3,9 @@
 Importing the package registers every custom Keras object, so ``keras.saving.load_model``
 reloads any cellnet ``.keras`` file after ``import cellnet``.
 """
-import os
+from cellnet.quiet import import_tensorflow
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import_tensorflow()  # before any module below imports it, so its start-up chatter is filtered
 
 from cellnet import augment, features, gbt, losses, models, training  # noqa: E402,F401  (registration)
 

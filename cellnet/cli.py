@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -173,21 +174,37 @@ def _summary_line(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import CellnetError
+    from . import errors
+    from .errors import CellnetError, emit
 
     args = build_parser().parse_args(argv)
+    prog = f"cellnet {args.command}" + (f" {args.task}" if getattr(args, "task", None) else "")
+    errors.PROG = prog
     try:
         return run(args)
     except CellnetError as exc:
-        print(f"cellnet {args.command}: error: {exc}", file=sys.stderr)
+        emit(f"{prog}: error: {exc}")
         return 2
     except KeyboardInterrupt:
-        print(f"cellnet {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        emit(f"{prog}: interrupted; run the same command again to resume")
         return 130
     except OSError as exc:  # disk full, permissions: the user's environment, not a bug
-        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        print(f"cellnet {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        emit(f"{prog}: error: {describe_os_error(exc)}")
         return 2
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``<path>: <problem>`` for an OSError; a file where a folder must go is named itself."""
+    import errno
+
+    path = getattr(exc, "filename", None)
+    if path and exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        for parent in [Path(path), *Path(path).parents]:
+            if parent.exists() and not parent.is_dir():
+                return f"{parent}: is a file, not a folder (in the way of {path})"
+    if exc.errno == errno.ENOSPC:
+        return f"{path or 'output'}: no space left on device; free space and run the same command again"
+    return f"{path}: {exc.strerror or exc}" if path else str(exc.strerror or exc)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
-"""User-facing errors: one line that names the file (or thing) and the problem.
+"""User-facing errors and warnings: one line that names the file (or thing) and the problem.
 
 The command line catches :class:`CellnetError` and prints it without a traceback; anything
-else is a bug and keeps its traceback.
+else is a bug and keeps its traceback. :func:`warn` reports a problem worth going on with.
+Both start on a line of their own, even while a progress bar is drawn.
 """
 from __future__ import annotations
 
 import os
+import sys
+
+#: The prefix of every reported line; the command line sets it to ``cellnet <command>``.
+PROG = "cellnet"
 
 
 class CellnetError(Exception):
@@ -18,3 +23,16 @@ class CellnetError(Exception):
 def bad(path: str | os.PathLike, problem: str) -> CellnetError:
     """Build the standard ``<path>: <problem>`` error."""
     return CellnetError(f"{os.fspath(path)}: {problem}")
+
+
+def emit(line: str) -> None:
+    """Write one line to stderr, starting on a fresh line if a progress bar is drawn."""
+    from tqdm import tqdm
+
+    tqdm.write(" ".join(line.split()), file=sys.stderr)
+    sys.stderr.flush()
+
+
+def warn(path: str | os.PathLike, problem: str) -> None:
+    """A problem worth going on with: ``cellnet <command>: warning: <path>: <problem>``."""
+    emit(f"{PROG}: warning: {os.fspath(path)}: {problem}")

@@ -20,7 +20,7 @@ def test_pyramid_taps_have_strides_4_to_32(unit):
     backbone = ResNet34Backbone(unit=unit, width=TINY)
     assert list(backbone.pyramid_outputs) == ["P2", "P3", "P4", "P5"]
     taps = keras.Model(backbone.input, backbone.pyramid_outputs)(_images(h=64, w=96))
-    for level, filters in zip(("P2", "P3", "P4", "P5"), (8, 16, 32, 64)):
+    for level, filters in zip(("P2", "P3", "P4", "P5"), (16, 16, 32, 64)):
         stride = 2 ** int(level[1])
         assert tuple(taps[level].shape) == (2, 64 // stride, 96 // stride, filters)
     # The model's own output is P5.
@@ -77,11 +77,60 @@ def test_paper_size_parameter_count_matches_resnet34_arithmetic():
     assert ResNet34Backbone().count_params() == expected
 
 
-def test_width_rounds_and_never_drops_below_8():
+def test_width_rounds_to_multiples_of_16():
     backbone = ResNet34Backbone(width=0.01)
-    assert backbone.get_layer("stem_conv").filters == 8
-    assert backbone.output.shape[-1] == 8
-    assert ResNet34Backbone(width=0.3).output.shape[-1] == round(512 * 0.3)
+    assert backbone.get_layer("stem_conv").filters == 16
+    assert backbone.output.shape[-1] == 16
+    assert ResNet34Backbone(width=0.3).output.shape[-1] == 160  # 153.6 -> nearest multiple of 16
+
+
+@pytest.mark.parametrize("width", [0.01, 0.1, 0.125, 0.2, 0.3, 0.37, 0.5, 1.0])
+def test_no_width_reaches_a_channel_count_off_the_multiple(width):
+    """Every convolution of every model a width can build has 16k output channels (oneDNN)."""
+    from cellnet.models import CellSegmenter, DirectCellularity
+
+    models = [CellSegmenter(ResNet34Backbone(width=width), decoder=d) for d in ("fpn", "unet")]
+    models.append(DirectCellularity("resnet34", "regression", input_shape=(64, 64, 3), width=width))
+    for model in models:
+        pending, convs = [model], []
+        while pending:
+            layer = pending.pop()
+            pending += getattr(layer, "layers", [])
+            if isinstance(layer, keras.layers.Conv2D) and layer.filters != 4:  # 4: the class maps
+                convs.append(layer)
+        assert convs and all(c.filters % 16 == 0 for c in convs), \
+            sorted({c.filters for c in convs})
+
+
+def test_models_saved_before_the_channel_multiple_keep_their_shapes():
+    config = ResNet34Backbone(width=0.125).get_config()
+    del config["channel_multiple"]  # as written by cellnet 0.1.0
+    old = ResNet34Backbone.from_config(config)
+    assert old.get_layer("stem_conv").filters == 8 and old.channel_multiple is None
+
+
+def test_width_0125_trains_where_onednn_crashed_on_avx512(tmp_path):
+    """The issue-10 reproduction, in a child process so a native crash fails only this test.
+
+    On AVX-512 CPUs the 8-channel build of this model died with SIGSEGV in the first step.
+    """
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np, keras\n"
+        "from cellnet.models import DirectCellularity\n"
+        "m = DirectCellularity(arch='resnet34', head='regression', width=0.125, input_shape=(256, 256, 3))\n"
+        "m.compile(optimizer='adam', loss='mse')\n"
+        "x = np.random.default_rng(0).uniform(-1, 1, (4, 256, 256, 3)).astype('float32')\n"
+        "loss = m.train_on_batch(x, np.full((4, 1), 0.5, 'float32'))\n"
+        "print('loss', float(np.ravel(loss)[0]))\n"
+    )
+    env = {**__import__("os").environ, "TF_ENABLE_ONEDNN_OPTS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "loss" in result.stdout
 
 
 def test_input_channels_and_bad_arguments():

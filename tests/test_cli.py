@@ -38,8 +38,23 @@ def test_user_errors_are_one_line(argv, needle, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
 
 
-def test_console_script_exit_code(tmp_path):
+def test_console_script_exit_code_and_no_tensorflow_chatter(tmp_path):
+    """Only the error line: no absl/TF INFO lines, no cuInit line on a CPU-only machine."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     result = subprocess.run([sys.executable, "-m", "cellnet.cli", "prepare", "--data", str(tmp_path / "nope"),
-                             "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+                             "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120,
+                            env=env)
     assert result.returncode == 2
-    assert "Traceback" not in result.stderr and "no such dataset folder" in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"cellnet prepare: error: {tmp_path / 'nope'}: no such dataset folder"], result.stderr
+
+
+def test_a_file_in_the_way_of_an_output_folder_is_named(tmp_path, capsys):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    assert main(["synth", "--small", "--out", str(blocker / "x"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"cellnet synth: error: {blocker}: is a file, not a folder (in the way of {blocker / 'x'})"
+    assert blocker.read_text() == "mine"

@@ -32,9 +32,22 @@ UNITS: tuple[str, ...] = ("preact", "authors")
 KERNEL_INITIALIZER = "he_normal"
 
 
-def scaled_filters(filters: int, width: float) -> int:
-    """Channel count ``filters * width``, rounded, never below 8."""
-    return max(8, int(round(filters * width)))
+#: Every channel count is a multiple of this. oneDNN's AVX-512 float32 kernels work on blocks of
+#: 16 channels; at width 0.125 the 8-channel stem and stage 2 killed the process (SIGSEGV) in the
+#: first training step on AVX-512 CPUs, while 16-channel blocks run on every x86 CPU (README,
+#: "Known issues"). So no width a config can reach yields a channel count oneDNN mishandles.
+CHANNEL_MULTIPLE = 16
+
+
+def scaled_filters(filters: int, width: float, multiple: int | None = CHANNEL_MULTIPLE) -> int:
+    """Channel count ``filters * width`` rounded to the nearest multiple of ``multiple`` (>= one).
+
+    ``multiple=None`` is the rounding of models saved before the multiple existed (nearest
+    integer, never below 8), so their ``.keras`` files rebuild with their own shapes.
+    """
+    if multiple is None:
+        return max(8, int(round(filters * width)))
+    return max(multiple, multiple * int(round(filters * width / multiple)))
 
 
 def _conv(filters: int, kernel_size: int, strides: int, use_bias: bool, name: str) -> layers.Conv2D:
@@ -114,7 +127,9 @@ class ResNet34Backbone(keras.Model):
     Args:
         input_channels: channels of the input image (3 for RGB, 4 for segmentation maps).
         unit: ``"preact"`` (BN -> ELU -> conv) or ``"authors"`` (conv -> ELU -> BN).
-        width: channel multiplier for small CPU presets; channels never drop below 8.
+        width: channel multiplier for small CPU presets; channel counts are rounded to
+            multiples of ``channel_multiple``.
+        channel_multiple: 16 (``CHANNEL_MULTIPLE``); ``None`` rebuilds models saved before it.
         **kwargs: passed to ``keras.Model`` (``name``, ``trainable``, ``dtype``).
 
     Attributes:
@@ -131,7 +146,8 @@ class ResNet34Backbone(keras.Model):
     ```
     """
 
-    def __init__(self, input_channels: int = 3, unit: str = "preact", width: float = 1.0, **kwargs):
+    def __init__(self, input_channels: int = 3, unit: str = "preact", width: float = 1.0,
+                 channel_multiple: int | None = CHANNEL_MULTIPLE, **kwargs):
         trainable = kwargs.pop("trainable", True)
         if unit not in UNITS:
             raise CellnetError(f"ResNet34Backbone unit {unit!r}: expected one of {', '.join(UNITS)}")
@@ -144,10 +160,10 @@ class ResNet34Backbone(keras.Model):
 
         # === Functional Model ===
         inputs = keras.Input(shape=(None, None, input_channels), name="image")
-        x = stem(inputs, scaled_filters(STEM_FILTERS, width), use_bias=not preact)
+        x = stem(inputs, scaled_filters(STEM_FILTERS, width, channel_multiple), use_bias=not preact)
         pyramid = {}
         for stage, (blocks, filters) in enumerate(zip(STAGE_BLOCKS, STAGE_FILTERS), start=2):
-            filters = scaled_filters(filters, width)
+            filters = scaled_filters(filters, width, channel_multiple)
             for block in range(blocks):
                 strides = 2 if block == 0 and stage > 2 else 1
                 name = f"stage{stage}_unit{block + 1}"
@@ -172,6 +188,7 @@ class ResNet34Backbone(keras.Model):
         self.input_channels = input_channels
         self.unit = unit
         self.width = width
+        self.channel_multiple = channel_multiple
         self.pyramid_outputs = pyramid
 
     def get_config(self) -> dict:
@@ -181,11 +198,13 @@ class ResNet34Backbone(keras.Model):
             "input_channels": self.input_channels,
             "unit": self.unit,
             "width": self.width,
+            "channel_multiple": self.channel_multiple,
         }
 
     @classmethod
     def from_config(cls, config: dict) -> "ResNet34Backbone":
-        return cls(**config)
+        # files saved before channel_multiple existed keep their old channel counts
+        return cls(**{"channel_multiple": None, **config})
 
 
 _HOW_TO_MAKE = (

@@ -12,7 +12,8 @@ import tensorflow as tf
 from keras import layers
 
 from cellnet.errors import CellnetError
-from cellnet.models.backbone import ResNet34Backbone, load_backbone_weights, set_trainable
+from cellnet.models.backbone import (CHANNEL_MULTIPLE, ResNet34Backbone, load_backbone_weights,
+                                     set_trainable)
 from cellnet.models.segmenter import CellSegmenter
 
 #: Classification head: bins 0.00, 0.01, ..., 1.00.
@@ -100,6 +101,7 @@ class DirectCellularity(keras.Model):
             (turn into a score and an interval with ``decode_bins``).
         input_shape: image shape; inputs are float images in [-1, 1].
         width: channel multiplier of the resnet34 backbone (other archs ignore it).
+        channel_multiple: channel rounding of the resnet34 backbone (see ``scaled_filters``).
         weights: ``None`` (He initialisation) or a LOCAL weights file for the encoder:
             for resnet34 see ``load_backbone_weights``, for resnet50/xception a
             keras.applications no-top ``.h5``. Never downloaded: ``"imagenet"`` is refused.
@@ -123,6 +125,7 @@ class DirectCellularity(keras.Model):
         input_shape: tuple = (256, 256, 3),
         width: float = 1.0,
         weights: str | None = None,
+        channel_multiple: int | None = CHANNEL_MULTIPLE,
         **kwargs,
     ):
         if arch not in ARCHS:
@@ -141,7 +144,8 @@ class DirectCellularity(keras.Model):
 
         # === Layers ===
         if arch == "resnet34":
-            self.encoder = ResNet34Backbone(input_channels=input_shape[-1], width=width, name="encoder")
+            self.encoder = ResNet34Backbone(input_channels=input_shape[-1], width=width,
+                                            channel_multiple=channel_multiple, name="encoder")
             if weights is not None:
                 load_backbone_weights(self.encoder, weights)
         else:
@@ -163,6 +167,7 @@ class DirectCellularity(keras.Model):
         self.head = head
         self.image_shape = input_shape
         self.width = width
+        self.channel_multiple = channel_multiple
 
     def get_config(self) -> dict:
         # Weights travel in the .keras file; the config rebuilds a randomly initialised model.
@@ -173,11 +178,13 @@ class DirectCellularity(keras.Model):
             "head": self.head,
             "input_shape": list(self.image_shape),
             "width": self.width,
+            "channel_multiple": self.channel_multiple,
         }
 
     @classmethod
     def from_config(cls, config: dict) -> "DirectCellularity":
-        return cls(**config)
+        # files saved before channel_multiple existed keep their old channel counts
+        return cls(**{"channel_multiple": None, **config})
 
 
 @keras.saving.register_keras_serializable(package="cellnet")
@@ -195,6 +202,7 @@ class SRCascade(keras.Model):
     Args:
         segmenter: a trained ``CellSegmenter``.
         width: channel multiplier of the regression ResNet34.
+        channel_multiple: its channel rounding (see ``scaled_filters``).
         drop_background: feed only normal/lymphocyte/malignant (for a 3-channel encoder,
             e.g. one initialised from ImageNet).
         phase: ``"head"`` or ``"finetune"``.
@@ -212,6 +220,7 @@ class SRCascade(keras.Model):
         width: float = 1.0,
         drop_background: bool = False,
         phase: str = "head",
+        channel_multiple: int | None = CHANNEL_MULTIPLE,
         **kwargs,
     ):
         channels = segmenter.output.shape[-1] - (1 if drop_background else 0)
@@ -220,7 +229,8 @@ class SRCascade(keras.Model):
         # === Layers ===
         self.segmenter = segmenter
         self.select = SelectChannels(channels, name="drop_background") if drop_background else None
-        self.regressor = ResNet34Backbone(input_channels=channels, width=width, name="regressor")
+        self.regressor = ResNet34Backbone(input_channels=channels, width=width,
+                                          channel_multiple=channel_multiple, name="regressor")
 
         # === Functional Model ===
         inputs = keras.Input(shape=segmenter.input.shape[1:], name="image")
@@ -235,6 +245,7 @@ class SRCascade(keras.Model):
         # === Config ===
         self.segmenter_maps = maps
         self.width = width
+        self.channel_multiple = channel_multiple
         self.drop_background = drop_background
         self.set_phase(phase)
         if not trainable:
@@ -255,11 +266,12 @@ class SRCascade(keras.Model):
             "width": self.width,
             "drop_background": self.drop_background,
             "phase": self.phase,
+            "channel_multiple": self.channel_multiple,
         }
 
     @classmethod
     def from_config(cls, config: dict) -> "SRCascade":
-        config = dict(config)
+        config = {"channel_multiple": None, **config}  # files saved before it keep their shapes
         config["segmenter"] = keras.saving.deserialize_keras_object(config["segmenter"])
         return cls(**config)
 

@@ -68,8 +68,8 @@ class CellSegmenter(keras.Model):
             outputs = fpn_decoder(
                 backbone.pyramid_outputs,
                 num_classes=num_classes,
-                pyramid_filters=scaled_filters(FPN_PYRAMID_FILTERS, backbone.width),
-                top_down_filters=scaled_filters(FPN_TOP_DOWN_FILTERS, backbone.width),
+                pyramid_filters=scaled_filters(FPN_PYRAMID_FILTERS, backbone.width, backbone.channel_multiple),
+                top_down_filters=scaled_filters(FPN_TOP_DOWN_FILTERS, backbone.width, backbone.channel_multiple),
                 dropout=dropout,
                 activation=activation,
             )
@@ -78,7 +78,8 @@ class CellSegmenter(keras.Model):
                 backbone.pyramid_outputs,
                 inputs,
                 num_classes=num_classes,
-                filters=tuple(scaled_filters(f, backbone.width) for f in UNET_FILTERS),
+                filters=tuple(scaled_filters(f, backbone.width, backbone.channel_multiple)
+                             for f in UNET_FILTERS),
                 dropout=dropout,
                 activation=activation,
             )
