@@ -12,12 +12,15 @@
 ```
 Bad input follows SPEC 7: with ``on_bad="fail"`` the first problem raises a one-line
 :class:`CellnetError`; with ``"skip"`` the item is dropped and the problem counted in
-:attr:`Problems`, which the command line prints as a summary.
+:attr:`Problems`, which the command line prints as a summary. Problems worth going on with
+(skipped points, a file read despite its name) are counted too, and :meth:`Problems.emit_warnings`
+prints one warning line per kind, naming the first file it was seen in.
 """
 from __future__ import annotations
 
 import os
 import re
+import threading
 import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from .classes import CLASS_DESCRIPTION, CLASSES, class_for_description
-from .errors import CellnetError, bad
+from .errors import CellnetError, bad, warn
 from .imageio import IMAGE_SUFFIXES, write_text
 
 SPLIT_FOLDERS = {"train": "train", "validation": "validation", "test": "test_patches"}
@@ -42,7 +45,11 @@ class Problems:
 
     on_bad: str = "fail"
     items: list[str] = field(default_factory=list)
-    warnings: Counter = field(default_factory=Counter)
+    warnings: Counter = field(default_factory=Counter)   # skipped points (or patches) by reason
+    notes: Counter = field(default_factory=Counter)      # files used despite a problem, by problem
+    first: dict[str, tuple[str, int]] = field(default_factory=dict)  # key -> (file, line) it names
+    files: dict[str, set[str]] = field(default_factory=dict)  # key -> the files it was seen in
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)  # prepare's threads
 
     def __post_init__(self) -> None:
         if self.on_bad not in ("fail", "skip"):
@@ -55,9 +62,37 @@ class Problems:
             raise error
         self.items.append(str(error))
 
-    def warn(self, key: str, count: int = 1) -> None:
+    def warn(self, key: str, count: int = 1, path: str | os.PathLike | None = None,
+             line: int | None = None) -> None:
         """Something a user would rather go on with (unknown descriptions, points outside)."""
-        self.warnings[key] += count
+        with self._lock:
+            self.warnings[key] += count
+            self._seen(key, path, line)
+
+    def note(self, path: str | os.PathLike, problem: str) -> None:
+        """A file used despite ``problem`` (the :data:`cellnet.imageio.Note` of image reads)."""
+        with self._lock:
+            self.notes[problem] += 1
+            self._seen(problem, path, None)
+
+    def _seen(self, key: str, path: str | os.PathLike | None, line: int | None) -> None:
+        if path is not None:  # the first by name, so the line is the same whatever the threads did
+            where = (os.fspath(path), line or 0)
+            self.first[key] = min(self.first.get(key, where), where)
+            self.files.setdefault(key, set()).add(where[0])
+
+    def emit_warnings(self, counted: str = "{key}: {n}") -> None:
+        """One warning line per kind of problem, naming the first file it was seen in.
+
+        ``counted`` words a :attr:`warnings` entry (``n`` skipped points and the like), as the
+        command's summary does.
+        """
+        for key in sorted(self.warnings.keys() | self.notes.keys()):
+            path, line = self.first.get(key, ("input", 0))
+            text = counted.format(key=key, n=self.warnings[key]) if key in self.warnings else key
+            files = len(self.files.get(key, ()))
+            warn(path, (f"line {line}: " if line else "") + text
+                 + (f" (in {files} files, first here)" if files > 1 else ""))
 
     def summary(self) -> str:
         lines = [f"skipped {len(self.items)} bad item(s)"] if self.items else []
@@ -65,6 +100,7 @@ class Problems:
         if len(self.items) > 20:
             lines.append(f"  ... and {len(self.items) - 20} more")
         lines += [f"warning: {key}: {n}" for key, n in sorted(self.warnings.items())]
+        lines += [f"warning: {key}: {n} file(s)" for key, n in sorted(self.notes.items())]
         return "\n".join(lines)
 
 
@@ -171,11 +207,24 @@ def list_images(folder: Path) -> list[Path]:
                   and not p.name.startswith("."))
 
 
+def images_by_stem(folder: Path, problems: Problems) -> dict[str, Path]:
+    """Images of a folder by stem; two images with one stem (``a.png``, ``a.tif``) are an error,
+    as nothing says which one is meant (in skip mode the first is kept and the other reported)."""
+    images: dict[str, Path] = {}
+    for path in list_images(folder):
+        if path.stem in images:
+            problems.report(path, f"two images named {path.stem} in one folder "
+                                  f"({images[path.stem].name} and {path.name}); keep one of them")
+            continue
+        images[path.stem] = path
+    return images
+
+
 def read_patches(root: Path, split: str, patients: dict[str, str], problems: Problems) -> list[Patch]:
     folder = root / SPLIT_FOLDERS[split]
     if not folder.is_dir():
         return []
-    images = {p.stem: p for p in list_images(folder)}
+    images = images_by_stem(folder, problems)
     label_path = root / LABEL_FILES[split]
     labels = read_labels(label_path, problems) if label_path.is_file() else None
     if labels is None and split != "test" and images:
@@ -218,7 +267,7 @@ def parse_key_xml(path: Path, problems: Problems) -> tuple[np.ndarray, np.ndarra
     except (ET.ParseError, OSError) as exc:
         problems.report(path, f"malformed XML ({str(exc)[:80]})")
         return None
-    points, labels = [], []
+    points, labels, seen = [], [], 0
     for graphic in tree.getroot().iter():
         if graphic.tag.lower() != "graphic" or graphic.get("type", "point").lower() != "point":
             continue
@@ -227,16 +276,19 @@ def parse_key_xml(path: Path, problems: Problems) -> tuple[np.ndarray, np.ndarra
         for point in graphic.iter():
             if point.tag.lower() != "point":
                 continue
+            seen += 1
             try:
                 x, y = (float(v) for v in (point.text or "").split(","))
             except ValueError:
                 problems.report(path, f"bad point {point.text!r} (expected 'x,y')")
                 return None
             if cls is None:
-                problems.warn(f"skipped points with unknown description {description!r}")
+                problems.warn(f"skipped points with unknown description {description!r}", path=path)
                 continue
             points.append((x, y))
             labels.append(CLASSES.index(cls))
+    if not seen:  # kept (a region may truly hold no cells), but more often an export lost its points
+        problems.note(path, "annotation file holds no points (its whole region is background in the mask)")
     return (np.asarray(points, np.float32).reshape(-1, 2), np.asarray(labels, np.int32))
 
 
@@ -266,7 +318,7 @@ def read_regions(root: Path, problems: Problems) -> list[Region]:
     if not folder.is_dir():
         return []
     regions = []
-    for image in list_images(folder):
+    for image in images_by_stem(folder, problems).values():
         if not image.stem.endswith("_crop"):
             continue
         stem = image.stem[: -len("_crop")]
@@ -289,12 +341,20 @@ def read_regions(root: Path, problems: Problems) -> list[Region]:
 
 # ----------------------------------------------------------------------------- dataset
 
+def check_dataset_folder(root: Path) -> None:
+    """A one-line error unless ``root`` is a folder (``--data`` given a file is a common slip)."""
+    if root.is_file():
+        raise bad(root, "is a file, not a dataset folder (give the folder that holds train/, "
+                        "validation/ and cells/, or a `cellnet prepare` output)")
+    if not root.is_dir():
+        raise bad(root, "no such dataset folder")
+
+
 def read_breastpathq(root: str | os.PathLike, on_bad: str = "fail") -> BreastPathQ:
     """Read a BreastPathQ-layout folder (paths and labels; pixels are decoded later)."""
     root = Path(root)
     problems = Problems(on_bad)
-    if not root.is_dir():
-        raise bad(root, "no such dataset folder")
+    check_dataset_folder(root)
     patient_path = root / "patient_ids.csv"
     patients = read_patients(patient_path) if patient_path.is_file() else {}
     patches = [p for split in SPLIT_FOLDERS for p in read_patches(root, split, patients, problems)]

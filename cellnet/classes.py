@@ -24,6 +24,8 @@ NAME_TO_CLASS: dict[str, str | None] = {
     "normal": "normal", "normal epithelial": "normal", "benign": "normal",
     "lymphocyte": "lymphocyte", "lymphocytes": "lymphocyte", "immune": "lymphocyte", "til": "lymphocyte",
     "stroma": None, "stromal": None, "other": None, "necrosis": None,
+    # QuPath's default classes (Tumor, Stroma, Necrosis and Other are above)
+    "immune cells": "lymphocyte", "region*": None, "ignore*": None, "positive": None, "negative": None,
 }
 
 #: BRCA-M2C label codes: 1 lymphocyte, 2 tumour/epithelial, 3 stromal (stromal has no channel: skipped).

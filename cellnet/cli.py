@@ -191,6 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # disk full, permissions: the user's environment, not a bug
         emit(f"{prog}: error: {describe_os_error(exc)}")
         return 2
+    except Exception as exc:  # a corrupt TFRecord met mid-run is the data's problem; others are bugs
+        if "tensorflow" not in sys.modules:
+            raise
+        from .records import data_error
+        error = data_error(exc, getattr(args, "data", None))
+        if error is None:
+            raise
+        emit(f"{prog}: error: {error}")
+        return 2
 
 
 def describe_os_error(exc: OSError) -> str:

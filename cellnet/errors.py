@@ -26,10 +26,16 @@ def bad(path: str | os.PathLike, problem: str) -> CellnetError:
 
 
 def emit(line: str) -> None:
-    """Write one line to stderr, starting on a fresh line if a progress bar is drawn."""
+    """Write one line to stderr, starting on a fresh line if a progress bar is drawn.
+
+    A bar left open (an error raised inside its loop) ends with ``\r``, not a newline, so
+    the line would be glued to it in a terminal and in a log file alike.
+    """
     from tqdm import tqdm
 
-    tqdm.write(" ".join(line.split()), file=sys.stderr)
+    if getattr(tqdm, "_instances", None):
+        sys.stderr.write("\n")
+    sys.stderr.write(" ".join(line.split()) + "\n")
     sys.stderr.flush()
 
 

@@ -26,8 +26,10 @@ outputs, patch size), so ``cellnet predict`` and ``cellnet slide`` know what the
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -176,7 +178,33 @@ def bytes_fn(serve: tf.types.experimental.GenericFunction) -> tf.types.experimen
 def _load(run: Path, kind: str) -> keras.Model:
     from .trainers import load_run_model
 
-    return load_run_model(run)  # `import cellnet` has registered every custom class
+    try:
+        return load_run_model(run)  # `import cellnet` has registered every custom class
+    except CellnetError:
+        raise
+    except Exception as exc:  # a damaged best.keras is the run's file problem, reported in one line
+        raise bad(run / "best.keras", f"damaged or not a Keras model file ({type(exc).__name__}); "
+                                      "resume or retrain the run") from None
+
+
+#: What a full disk or a refused write raises: OSError from Python, these from TensorFlow's writers.
+WRITE_ERRORS = (OSError, tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError)
+
+
+def write_failure(path: str | os.PathLike, exc: Exception) -> CellnetError:
+    """A write the environment refused (disk full, permissions) as one line naming ``path``.
+
+    ``path`` is the output the user asked for: the error itself names a temporary file.
+    """
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+    elif isinstance(exc, tf.errors.OpError):  # "... <temporary file>; No space left on device [Op:...]"
+        reason = re.sub(r"\s*\[Op:\w+\]$", "", exc.message.strip().splitlines()[-1]).rsplit("; ", 1)[-1]
+    else:  # a CellnetError "<temporary file>: <problem>"
+        reason = str(exc).rsplit(": ", 1)[-1]
+    full = isinstance(exc, tf.errors.ResourceExhaustedError) or getattr(exc, "errno", None) == errno.ENOSPC
+    hint = "; free space and run the same command again" if full else ""
+    return bad(path, f"cannot write ({reason[:100]}); nothing was written{hint}")
 
 
 def export_model(model: keras.Model, kind: str, path: str | os.PathLike, metadata: dict) -> Path:
@@ -197,20 +225,22 @@ def export_model(model: keras.Model, kind: str, path: str | os.PathLike, metadat
             "signatures": {IMAGES_SIGNATURE: "images", BYTES_SIGNATURE: "image_bytes"},
             "exported": time.strftime("%Y-%m-%d %H:%M:%S"), "tensorflow": tf.__version__,
             "keras": keras.__version__, **metadata}
+    signatures = {IMAGES_SIGNATURE: serve.get_concrete_function(),
+                  BYTES_SIGNATURE: bytes_fn(serve).get_concrete_function()}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        tf.saved_model.save(module, str(tmp), signatures={
-            IMAGES_SIGNATURE: serve.get_concrete_function(),
-            BYTES_SIGNATURE: bytes_fn(serve).get_concrete_function()})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tf.saved_model.save(module, str(tmp), signatures=signatures)
         (tmp / "assets").mkdir(exist_ok=True)
         (tmp / "assets" / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
         if path.exists():
             raise bad(path, "appeared while exporting; an export never overwrites a version")
         os.replace(tmp, path)
+    except WRITE_ERRORS as exc:  # disk full: no version folder, no temporary one left behind
+        raise write_failure(path, exc) from None
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -220,14 +250,13 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, version: int | No
     ``out`` is ``saved_models/<name>``; ``version`` defaults to the next free number (from 1) and
     an existing version is refused, never overwritten.
     """
-    from .training import read_run
+    from .training import require_complete
 
     run, out = Path(run), Path(out)
-    info = read_run(run)
+    info = require_complete(run, "be exported")
     kind = info.get("kind")
     if kind not in KINDS:
-        raise bad(run / "run.json", f"kind {kind!r} cannot be exported (expected one of {', '.join(KINDS)}; "
-                                    "is the run finished?)")
+        raise bad(run / "run.json", f"kind {kind!r} cannot be exported (expected one of {', '.join(KINDS)})")
     if out.exists() and not out.is_dir():
         raise bad(out, "exists and is not a folder (expected saved_models/NAME)")
     if version is None:

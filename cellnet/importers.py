@@ -32,7 +32,7 @@ from pathlib import Path, PurePath
 
 import numpy as np
 
-from .breastpathq import (REGION_RE, Problems, list_images, read_regions, region_file_stem,
+from .breastpathq import (REGION_RE, Problems, images_by_stem, read_regions, region_file_stem,
                           write_key_xml)
 from .classes import (BREASTPATHQ_DESCRIPTIONS, BRCA_M2C_CODES, CELL_CLASSES, CLASSES, NAME_TO_CLASS,
                       class_for_description)
@@ -48,6 +48,9 @@ CSV_COLUMNS = ("image", "x", "y", "class")
 REGION_OBJECT_TYPES = {"annotation", "tile", "tma_core", "root", "pathannotationobject",
                        "pathtileobject", "tmacoreobject", "pathrootobject"}
 OUTSIDE = "outside the image"
+#: QuPath's default classes, all in the class table (shown by ``cellnet import --help``).
+QUPATH_CLASSES = ("Tumor", "Immune cells", "Stroma", "Necrosis", "Other", "Region*", "Ignore*", "Positive",
+                  "Negative")
 
 
 @dataclass
@@ -74,8 +77,9 @@ def import_points(fmt: str, src: str | os.PathLike, out: str | os.PathLike, on_b
     """Import point annotations in format ``fmt`` from ``src`` into ``out/cells``.
 
     Returns a summary: ``out`` (the cells folder), ``regions`` (written), ``points`` (per class),
-    ``skipped_points`` (reason -> count) and ``skipped_items`` (one line per bad file or row,
-    skip mode only).
+    ``skipped_points`` (reason -> count), ``warnings`` (problem -> files used despite it) and
+    ``skipped_items`` (one line per bad file or row, skip mode only). Each kind of warning is
+    also printed once, naming the first file it was seen in.
     """
     if fmt not in READERS:
         raise CellnetError(f"--format: unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
@@ -117,11 +121,13 @@ def import_points(fmt: str, src: str | os.PathLike, out: str | os.PathLike, on_b
             out.rmdir()  # a failed import into a new folder leaves no trace
 
     labels = np.concatenate([s.labels for s in written])
+    problems.emit_warnings(counted="skipped {n} point(s): {key}")
     return {
         "out": str(out / "cells"),
         "regions": len(written),
         "points": {c: int((labels == CLASSES.index(c)).sum()) for c in CELL_CLASSES},
         "skipped_points": dict(sorted(problems.warnings.items())),
+        "warnings": dict(sorted(problems.notes.items())),
         "skipped_items": list(problems.items),
     }
 
@@ -131,6 +137,7 @@ def summary_text(summary: dict) -> str:
     points = ", ".join(f"{c} {n}" for c, n in summary["points"].items())
     lines = [f"imported {summary['regions']} region(s) into {summary['out']}: {points}"]
     lines += [f"warning: skipped {n} point(s): {reason}" for reason, n in summary["skipped_points"].items()]
+    lines += [f"warning: {problem}: {n} file(s)" for problem, n in summary.get("warnings", {}).items()]
     items = summary["skipped_items"]
     if items:
         lines.append(f"skipped {len(items)} bad item(s)")
@@ -170,6 +177,8 @@ def describe_formats() -> str:
         item("normal", names("normal")),
         item("lymphocyte", names("lymphocyte")),
         item("skipped", f"{names(None)} and unknown names (counted in the summary)"),
+        item("QuPath", "its default classes: " + qupath_classes()
+             + "; a derived class (Tumor: Positive) counts as its base class"),
         item("also", "the BreastPathQ key-XML descriptions ("
                      + ", ".join(d.replace(" ", "\xa0") for d in BREASTPATHQ_DESCRIPTIONS) + ")"),
         textwrap.fill("x, y are full-resolution pixel coordinates (x = column). A point outside "
@@ -180,12 +189,20 @@ def describe_formats() -> str:
     ])
 
 
+def qupath_classes() -> str:
+    """``Tumor -> malignant; ...``: where QuPath's default classes go, grouped by class."""
+    groups: dict[str, list[str]] = {}
+    for name in QUPATH_CLASSES:
+        groups.setdefault(class_for_description(name) or "skipped", []).append(name)
+    return "; ".join(f"{', '.join(names)} -> {cls}" for cls, names in groups.items())
+
+
 # ----------------------------------------------------------------------------- writing
 
 def _write_region(source: Source, cells: Path, problems: Problems) -> bool:
     """Decode, check the points against the image and write one region; False if skipped."""
     try:
-        rgb = read_rgb(source.image)
+        rgb = read_rgb(source.image, problems.note)
     except CellnetError as exc:
         if problems.on_bad == "fail":
             raise
@@ -201,7 +218,7 @@ def _write_region(source: Source, cells: Path, problems: Problems) -> bool:
             raise bad(source.annotation, f"point ({x[first]:g}, {y[first]:g}) is outside the "
                                          f"{width}x{height} image {source.image.name}"
                                          + (f" (and {outside - 1} more)" if outside > 1 else ""))
-        problems.warn(OUTSIDE, outside)
+        problems.warn(OUTSIDE, outside, path=source.annotation)
         source.points, source.labels = source.points[inside], source.labels[inside]
     write_image(cells / f"{source.stem}_crop.tif", rgb)
     write_key_xml(cells / f"{source.stem}_key.xml", source.points, source.labels)
@@ -237,7 +254,8 @@ def _case_id(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "image"
 
 
-def _class_index(name: str, problems: Problems, count: int = 1) -> int | None:
+def _class_index(name: str, problems: Problems, path: Path, count: int = 1,
+                 line: int | None = None) -> int | None:
     """CLASSES index for a class name (or its base: ``Tumor`` of ``Tumor: Positive``).
 
     None, with ``count`` points counted by reason, where cellnet has no channel for the name.
@@ -248,11 +266,12 @@ def _class_index(name: str, problems: Problems, count: int = 1) -> int | None:
         if cls is not None:
             return CLASSES.index(cls)
     if not name:
-        problems.warn("unclassified", count)
+        reason = "unclassified"
     elif name.lower() in NAME_TO_CLASS:
-        problems.warn(f"class {name!r} (no cellnet channel)", count)
+        reason = f"class {name!r} (no cellnet channel)"
     else:
-        problems.warn(f"unknown class {name!r}", count)
+        reason = f"unknown class {name!r}"
+    problems.warn(reason, count, path=path, line=line)
     return None
 
 
@@ -262,24 +281,13 @@ def _points(rows: list[tuple[float, float, int | None]]) -> tuple[np.ndarray, np
     return points, np.asarray([label for _, _, label in kept], np.int32)
 
 
-def _images_by_stem(folder: Path, problems: Problems) -> dict[str, Path]:
-    """Images of a folder by stem; two images with one stem (a.png, a.tif) are ambiguous."""
-    images: dict[str, Path] = {}
-    for path in list_images(folder):
-        if path.stem in images:
-            problems.report(path, f"two images named {path.stem} ({images[path.stem].name}, {path.name})")
-            continue
-        images[path.stem] = path
-    return images
-
-
 # ----------------------------------------------------------------------------- BRCA-M2C
 
 def _read_brca_m2c(src: Path, problems: Problems) -> list[Source]:
     for folder in (src / "images", src / "labels"):
         if not folder.is_dir():
             raise bad(folder, "no such folder (a BRCA-M2C root holds images/ and labels/)")
-    images = _images_by_stem(src / "images", problems)
+    images = images_by_stem(src / "images", problems)
     labels = {p.name[: -len(BRCA_LABEL_SUFFIX)]: p
               for p in sorted((src / "labels").glob(f"*{BRCA_LABEL_SUFFIX}"))}
     splits = _brca_splits(src, set(images), problems)
@@ -317,9 +325,10 @@ def _parse_brca_labels(path: Path, problems: Problems) -> tuple[np.ndarray, np.n
         y, x, code = values
         cls = BRCA_M2C_CODES.get(int(code), "unknown")
         if cls == "unknown":
-            problems.warn(f"unknown BRCA-M2C class {int(code)}")
+            problems.warn(f"unknown BRCA-M2C class {int(code)} (expected 1, 2 or 3)", path=path, line=number)
         elif cls is None:
-            problems.warn(f"BRCA-M2C class {int(code)} (stromal: cellnet has no stromal channel)")
+            problems.warn(f"BRCA-M2C class {int(code)} (stromal: cellnet has no stromal channel)",
+                          path=path, line=number)
         rows.append((x, y, CLASSES.index(cls) if cls in CLASSES else None))
     return _points(rows)
 
@@ -357,7 +366,7 @@ def _is_number(text: str) -> bool:
 def _read_geojson(src: Path, problems: Problems) -> list[Source]:
     if not src.is_dir():
         raise bad(src, "expected a folder of <stem>.geojson files next to their images")
-    images = _images_by_stem(src, problems)
+    images = images_by_stem(src, problems)
     by_name = {p.name: p for p in images.values()}
     pairs: dict[Path, Path] = {}
     for path in sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith(".")
@@ -404,21 +413,22 @@ def _parse_geojson(path: Path, problems: Problems) -> tuple[np.ndarray, np.ndarr
             properties = feature.get("properties") or {}
             if not isinstance(properties, dict):
                 raise ValueError("'properties' is not an object")
-            points = _feature_points(feature, properties, problems)
+            points = _feature_points(feature, properties, problems, path)
         except ValueError as exc:
             problems.report(path, f"feature {number}: {exc}")
             return None
         if points:
-            label = _class_index(_feature_class(properties), problems, len(points))
+            label = _class_index(_feature_class(properties), problems, path, len(points))
             rows += [(x, y, label) for x, y in points]
     return _points(rows)
 
 
-def _feature_points(feature: dict, properties: dict, problems: Problems) -> list[tuple[float, float]]:
+def _feature_points(feature: dict, properties: dict, problems: Problems,
+                    path: Path) -> list[tuple[float, float]]:
     """The (x, y) points one feature stands for; [] (counted) when it is not a cell."""
     geometry = feature.get("nucleusGeometry") or feature.get("geometry")
     if geometry is None:
-        problems.warn("features without geometry")
+        problems.warn("features without geometry", path=path)
         return []
     if not isinstance(geometry, dict):
         raise ValueError("'geometry' is not an object")
@@ -431,11 +441,11 @@ def _feature_points(feature: dict, properties: dict, problems: Problems) -> list
         object_type = str(properties.get("objectType") or properties.get("object_type")
                           or feature.get("id") or "").lower()
         if object_type in REGION_OBJECT_TYPES:
-            problems.warn(f"{kind} {object_type} objects (regions, not cells)")
+            problems.warn(f"{kind} {object_type} objects (regions, not cells)", path=path)
             return []
         polygons = [coordinates] if kind == "Polygon" else _listed(coordinates)
         return [_centroid([_listed(p) for p in polygons])]
-    problems.warn(f"{kind} geometries (not points or cells)")
+    problems.warn(f"{kind} geometries (not points or cells)", path=path)
     return []
 
 
@@ -498,7 +508,7 @@ def _centroid(polygons: list[list]) -> tuple[float, float]:
 def _read_csv(src: Path, problems: Problems) -> list[Source]:
     if not src.is_file():
         raise bad(src, f"expected a CSV file with columns {','.join(CSV_COLUMNS)}")
-    groups: dict[str, list[tuple[float, float, str]]] = {}
+    groups: dict[str, list[tuple[float, float, str, int]]] = {}
     try:
         with open(src, newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
@@ -520,7 +530,7 @@ def _read_csv(src: Path, problems: Problems) -> list[Source]:
                 elif not (_is_number(x) and _is_number(y)):
                     problems.report(src, f"line {line}: x, y = {x!r}, {y!r} are not numbers")
                 else:
-                    groups.setdefault(image, []).append((float(x), float(y), name))
+                    groups.setdefault(image, []).append((float(x), float(y), name, line))
     except (csv.Error, UnicodeDecodeError) as exc:
         raise bad(src, f"malformed CSV ({exc})") from None
     sources = []
@@ -530,7 +540,7 @@ def _read_csv(src: Path, problems: Problems) -> list[Source]:
             problems.report(path, f"no such image (named in {src.name})")
             continue
         case = _case_id(PurePath(image).with_suffix("").as_posix().replace("/", "-"))
-        rows = [(x, y, _class_index(name, problems)) for x, y, name in rows]
+        rows = [(x, y, _class_index(name, problems, src, line=line)) for x, y, name, line in rows]
         sources.append(Source(path, src, *_points(rows), case=case, origin=image))
     return sources
 

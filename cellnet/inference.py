@@ -4,14 +4,22 @@ The SavedModel is the artefact TF Serving loads (``cellnet export``), called thr
 ``serving_default`` signature with full-resolution uint8 RGB, so predictions here equal what a
 server returns. Images are read once at the edge (``cellnet.imageio.read_rgb``), grouped into
 batches of equal size and sent in order.
+
+Outputs never land on an input: ``--out`` must be a ``.csv`` file (an earlier run's CSV is
+replaced) that is not one of the inputs, and ``--overlays`` neither an input folder (nor inside
+one) nor a folder where an overlay's name is taken. Overlays are written to a temporary folder
+and moved in together with the CSV, so a failed run (a full disk) leaves neither behind, and
+running it again is not refused.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import re
-import sys
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +31,8 @@ from tqdm import tqdm
 
 from .breastpathq import Problems
 from .classes import CELL_CLASSES
-from .errors import CellnetError, bad
-from .export import IMAGES_SIGNATURE, METADATA_FILE
+from .errors import CellnetError, bad, warn
+from .export import CELLULARITY_KINDS, IMAGES_SIGNATURE, KINDS, METADATA_FILE, write_failure
 from .imageio import IMAGE_SUFFIXES, atomic_path, read_rgb, write_image
 from .plots import overlay_rgb
 
@@ -52,6 +60,18 @@ class ServedModel:
         signature = self.loaded.signatures[IMAGES_SIGNATURE]
         outputs = signature(images=tf.convert_to_tensor(images, tf.uint8))
         return {name: value.numpy() for name, value in outputs.items()}
+
+    def run(self, images: np.ndarray, source: str | os.PathLike) -> dict[str, np.ndarray]:
+        """``self(images)``, the model's refusals as one line naming ``source`` (the batch's file)."""
+        try:
+            return self(images)
+        except tf.errors.ResourceExhaustedError:
+            raise bad(source, f"out of memory running a batch of {len(images)} through the model; "
+                              "try a smaller --batch-size") from None
+        except tf.errors.InvalidArgumentError as exc:  # the in-graph checks (cellnet.export._checked)
+            found = re.search(r"assertion failed: \[([^\]]*)\]", exc.message)
+            reason = found[1] if found else exc.message.strip().splitlines()[0]
+            raise bad(source, f"refused by the model {self.path} ({reason[:160]})") from None
 
     @property
     def has_masks(self) -> bool:
@@ -85,25 +105,42 @@ def load_served(model_dir: str | os.PathLike) -> ServedModel:
         raise bad(path, f"is a SavedModel but not a cellnet export (no assets/{METADATA_FILE})")
     try:
         metadata = json.loads(meta_path.read_text())
-        kind, outputs = metadata["kind"], tuple(metadata["outputs"])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise bad(meta_path, f"unreadable export description ({type(exc).__name__}: {exc})") from None
+        kind, outputs, patch = metadata["kind"], tuple(metadata["outputs"]), metadata.get("patch_size")
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise bad(meta_path, f"unreadable export description ({type(exc).__name__}: {str(exc)[:100]})") from None
+    if kind not in KINDS:
+        raise bad(meta_path, f"unknown model kind {kind!r} (expected one of {', '.join(KINDS)})")
+    if patch is not None and (type(patch) is not int or patch < 1):
+        raise bad(meta_path, f"patch_size {patch!r}: expected a positive integer or null")
     try:
         loaded = tf.saved_model.load(str(path))
     except Exception as exc:  # a damaged SavedModel is the user's file problem, reported in one line
         raise bad(path, f"cannot load the SavedModel ({type(exc).__name__}: {str(exc)[:120]})") from None
     if IMAGES_SIGNATURE not in loaded.signatures:
         raise bad(path, f"has no '{IMAGES_SIGNATURE}' signature")
-    return ServedModel(path, kind, outputs, metadata.get("patch_size"), metadata, loaded)
+    served = set(loaded.signatures[IMAGES_SIGNATURE].structured_outputs)
+    needed = "cellularity" if kind in CELLULARITY_KINDS else "masks"
+    if needed not in outputs or not served.issuperset(outputs):
+        raise bad(meta_path, f"does not describe this SavedModel: a {kind} model lists outputs "
+                             f"{', '.join(outputs) or 'none'}, the '{IMAGES_SIGNATURE}' signature has "
+                             f"{', '.join(sorted(served))}")
+    return ServedModel(path, kind, outputs, patch, metadata, loaded)
 
 
 # ----------------------------------------------------------------------------- inputs
 
-def expand_inputs(inputs: Sequence[str | os.PathLike], problems: Problems) -> list[Path]:
-    """Files as given and folders expanded to their image files (sorted, not recursive)."""
+def _skip(problems: Problems, path: Path, problem: str) -> None:
+    """A bad input: raises with ``on_bad="fail"``; else counted, and a warning says it is skipped."""
+    problems.report(path, problem)
+    warn(path, f"{problem}; skipped")
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
+    """Image files as given or found in folders (sorted, not recursive), and the other files given."""
     if not inputs:
         raise CellnetError("--input: no images or folders given")
     files: list[Path] = []
+    others: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
             found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -113,10 +150,10 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], problems: Problems) -> li
         elif not item.exists():
             raise bad(item, "no such file or folder")
         elif item.suffix.lower() not in IMAGE_SUFFIXES:
-            problems.report(item, f"not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
+            others.append(item)
         else:
             files.append(item)
-    return files
+    return files, others
 
 
 def _readable(files: Iterable[Path], model: ServedModel, problems: Problems,
@@ -124,14 +161,14 @@ def _readable(files: Iterable[Path], model: ServedModel, problems: Problems,
     """(path, image) for every file that reads and fits the model; the others go to ``problems``."""
     for path in files:
         try:
-            image = read_rgb(path)
+            image = read_rgb(path, problems.note)
         except CellnetError as exc:
-            problems.report(path, str(exc).removeprefix(f"{path}: "))
+            _skip(problems, path, str(exc).removeprefix(f"{path}: "))
             bar.update(1)
             continue
         patch = model.patch_size
         if patch is not None and image.shape[:2] != (patch, patch):
-            problems.report(path, f"is {image.shape[0]}x{image.shape[1]} px; this {model.kind} model "
+            _skip(problems, path, f"is {image.shape[0]}x{image.shape[1]} px; this {model.kind} model "
                                   f"takes {patch}x{patch} patches at full resolution (the training size)")
             bar.update(1)
             continue
@@ -188,6 +225,59 @@ def _overlay_name(path: Path, used: set[str]) -> str:
     return name
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_outputs(out_csv: Path, overlays: Path | None, inputs: Sequence[Path], files: Sequence[Path]) -> None:
+    """Refuse, before any work, outputs that would land on an input, a folder or an existing overlay."""
+    if out_csv.is_dir():
+        raise bad(out_csv, "is a folder; expected FILE.csv")
+    if any(_same_file(out_csv, p) for p in [*inputs, *files]):
+        raise bad(out_csv, "is one of the inputs; predict never writes over an input (expected FILE.csv)")
+    if out_csv.suffix.lower() != ".csv":
+        raise bad(out_csv, "expected FILE.csv (the predictions are written as CSV)")
+    if overlays is None:
+        return
+    target = overlays.resolve()
+    for folder in (p for p in inputs if p.is_dir()):
+        if target == folder.resolve() or folder.resolve() in target.parents:
+            where = "is" if target == folder.resolve() else "is inside"
+            raise bad(overlays, f"{where} the input folder {folder}; give --overlays a folder of its own")
+    if target == out_csv.resolve():
+        raise bad(overlays, "is the --out file; give --overlays a folder of its own")
+    if overlays.exists() and not overlays.is_dir():
+        raise bad(overlays, "is a file; expected a folder for the overlays")
+    used: set[str] = set()
+    taken = [name for name in (_overlay_name(p, used) for p in files) if (overlays / name).exists()]
+    if taken:
+        raise bad(overlays / taken[0], f"already exists; predict never overwrites an overlay ({len(taken)} of "
+                                       f"the {len(files)} overlay names are taken; choose another --overlays folder)")
+
+
+@contextlib.contextmanager
+def _staged(folder: Path | None) -> Iterator[Path | None]:
+    """A temporary folder beside ``folder`` whose files move into ``folder`` if the block succeeds."""
+    if folder is None:
+        yield None
+        return
+    final = folder.resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp", dir=final.parent))
+    try:
+        yield tmp
+        final.mkdir(exist_ok=True)
+        for file in sorted(tmp.iterdir()):
+            if (final / file.name).exists():
+                raise bad(folder / file.name, "appeared while predicting; predict never overwrites an overlay")
+            os.replace(file, final / file.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def predict(model_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_csv: str | os.PathLike,
             overlays: str | os.PathLike | None = None, batch_size: int = 16, on_bad: str = "fail",
             progress: bool = True) -> dict:
@@ -197,40 +287,51 @@ def predict(model_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
     for the classification head's 80% interval); segmentation-only models write the share of
     pixels above 0.5 per cell class instead of ``p``. With ``overlays``, models that output masks
     write ``<stem>.png`` overlays there. Bad images stop the run (``on_bad="fail"``) or are
-    skipped and counted (``"skip"``).
+    skipped and counted (``"skip"``). Outputs that would land on an input or an existing overlay
+    are refused before any work (:func:`check_outputs`).
     """
     if batch_size < 1:
         raise CellnetError(f"--batch-size: expected a positive integer, got {batch_size}")
     problems = Problems(on_bad)
     out_csv = Path(out_csv)
-    files = expand_inputs(inputs, problems)
+    overlay_dir = Path(overlays) if overlays is not None else None
+    files, others = expand_inputs(inputs)
+    check_outputs(out_csv, overlay_dir, [Path(p) for p in inputs], files)
+    for other in others:
+        _skip(problems, other, f"not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
     model = load_served(model_dir)
-    overlay_dir = Path(overlays) if overlays is not None and model.has_masks else None
-    if overlays is not None and overlay_dir is None:
-        tqdm.write(f"warning: --overlays ignored: this {model.kind} model outputs no masks", file=sys.stderr)
-    if overlay_dir is not None:
-        overlay_dir.mkdir(parents=True, exist_ok=True)
+    if overlay_dir is not None and not model.has_masks:
+        warn(overlay_dir, f"--overlays ignored: this {model.kind} model outputs no masks")
+        overlay_dir = None
     paths: list[Path] = []
     values: list[list[float]] = []
     used_names: set[str] = set()
-    with tqdm(total=len(files), desc="predict", unit="img", disable=not progress) as bar:
+    # exits in reverse: the overlays move in first, then the CSV is renamed
+    with atomic_path(out_csv) as tmp_csv, _staged(overlay_dir) as staging, \
+            tqdm(total=len(files), desc="predict", unit="img", disable=not progress) as bar:
         for batch in batches(_readable(files, model, problems, bar), batch_size):
-            outputs = model(np.stack([image for _, image in batch]))
+            outputs = model.run(np.stack([image for _, image in batch]), batch[0][0])
             paths += [path for path, _ in batch]
             values += value_rows(model, outputs)
-            if overlay_dir is not None:
+            if staging is not None:
                 for (path, image), masks in zip(batch, outputs["masks"]):
-                    write_image(overlay_dir / _overlay_name(path, used_names), overlay_rgb(image, masks))
+                    name = _overlay_name(path, used_names)
+                    try:
+                        write_image(staging / name, overlay_rgb(image, masks))
+                    except (OSError, CellnetError) as exc:
+                        raise write_failure(overlay_dir / name, exc) from None
             bar.update(len(batch))
-    for item in problems.items:
-        tqdm.write(f"warning: skipped {item}", file=sys.stderr)
-    if not paths:
-        raise CellnetError(f"--input: none of the {len(files)} image(s) could be predicted "
-                           f"({len(problems.items)} skipped)")
-    id_names, ids = id_columns(paths)
-    with atomic_path(out_csv) as tmp, tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(id_names + value_columns(model))
-        writer.writerows(i + [f"{v:.6f}" for v in row] for i, row in zip(ids, values))
+        if not paths:
+            raise CellnetError(f"--input: none of the {len(files)} image(s) could be predicted "
+                               f"({len(problems.items)} skipped)")
+        id_names, ids = id_columns(paths)
+        try:
+            with tmp_csv.open("w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(id_names + value_columns(model))
+                writer.writerows(i + [f"{v:.6f}" for v in row] for i, row in zip(ids, values))
+        except OSError as exc:
+            raise write_failure(out_csv, exc) from None
+    problems.emit_warnings()
     return {"images": len(paths), "skipped": len(problems.items), "kind": model.kind,
             "overlays": len(used_names), "model": str(model.path), "problems": list(problems.items)}

@@ -14,14 +14,19 @@ Writes, into the output folder, for a slide ``<stem>``:
 - ``<stem>.geojson``: a QuPath-importable FeatureCollection; tiles are ``detection`` polygons with
   ``measurements.cellularity``; for models that output masks, malignant nuclei (local maxima of
   the malignant map above 0.5) are ``detection`` points. Coordinates are level-0 pixels.
+
+The three are written together: each to a temporary name, renamed once all are written, so a full
+disk leaves none of them behind.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +40,8 @@ from tqdm import tqdm
 
 from .classes import MALIGNANT
 from .errors import CellnetError, bad
-from .imageio import atomic_path, write_text
+from .export import write_failure
+from .imageio import atomic_path
 from .inference import MASK_THRESHOLD, ServedModel, load_served
 from .plots import CLASS_COLOURS
 from .preprocess import PATCH_SIZE
@@ -80,6 +86,14 @@ def open_slide(path: str | os.PathLike) -> tiffslide.TiffSlide:
         return slide
     except Exception as exc:  # any reader failure is the file's problem, reported in one line
         raise bad(path, f"cannot be read as a whole-slide image ({type(exc).__name__}: {str(exc)[:100]})") from None
+
+
+def read_thumbnail(slide: tiffslide.TiffSlide, path: Path) -> np.ndarray:
+    """The slide's RGB thumbnail (longest side ``THUMBNAIL_SIZE``); a one-line error if unreadable."""
+    try:
+        return np.asarray(slide.get_thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE)).convert("RGB"))
+    except Exception as exc:  # a truncated or damaged slide is the file's problem, reported in one line
+        raise bad(path, f"unreadable or truncated whole-slide image ({type(exc).__name__}: {str(exc)[:80]})") from None
 
 
 def slide_mpp(slide: tiffslide.TiffSlide) -> float | None:
@@ -200,7 +214,7 @@ def geojson(tiles: list[Tile], rows: list[dict], nuclei: list[tuple[float, float
 
 def heatmap(thumbnail: np.ndarray, dimensions: tuple[int, int], tiles: list[Tile], scores: np.ndarray,
             name: str, path: Path, title: str) -> None:
-    """Tile scores (0..1, magma) over the thumbnail with a colour bar, written atomically."""
+    """Tile scores (0..1, magma) over the thumbnail with a colour bar, as PNG to ``path``."""
     height, width = thumbnail.shape[:2]
     sx, sy = width / dimensions[0], height / dimensions[1]
     figure = Figure(figsize=(8, 8 * height / width + 0.6), dpi=100)
@@ -216,15 +230,29 @@ def heatmap(thumbnail: np.ndarray, dimensions: tuple[int, int], tiles: list[Tile
     axes.set(xlim=(0, width), ylim=(height, 0), title=title)
     axes.set_axis_off()
     figure.colorbar(image, ax=axes, fraction=0.04, pad=0.02, label=name)
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", bbox_inches="tight")
+    figure.savefig(path, format="png", bbox_inches="tight")
 
 
 def write_tiles_csv(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+    with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_together(writers: dict[Path, Callable[[Path], None]]) -> None:
+    """Call each writer on a temporary name; rename them all only once every one has written.
+
+    A write the disk refuses leaves none of the outputs, nor a temporary file, and names the
+    output it was writing.
+    """
+    current = None
+    try:
+        with contextlib.ExitStack() as stack:
+            for current, write in writers.items():
+                write(stack.enter_context(atomic_path(current)))
+    except OSError as exc:
+        raise write_failure(current, exc) from None
 
 
 # ----------------------------------------------------------------------------- the command
@@ -235,13 +263,15 @@ def slide_map(model_dir: str | os.PathLike, slide_path: str | os.PathLike, out_d
     if batch_size < 1:
         raise CellnetError(f"--batch-size: expected a positive integer, got {batch_size}")
     slide_path, out_dir = Path(slide_path), Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise bad(out_dir, "is a file; expected a folder for the slide's outputs")
     slide = open_slide(slide_path)
     model = load_served(model_dir)
     patch = model.patch_size or PATCH_SIZE
     mpp = slide_mpp(slide)
     tile_size = PATCH_SIZE * TRAINING_MPP / (mpp or TRAINING_MPP)
     level = slide.get_best_level_for_downsample(tile_size / patch)
-    thumbnail = np.asarray(slide.get_thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE)).convert("RGB"))
+    thumbnail = read_thumbnail(slide, slide_path)
     tiles = tile_grid(slide.dimensions, tile_size, tissue_mask(thumbnail))
     if not tiles:
         raise bad(slide_path, f"no tissue found (no {tile_size:.0f} px tile is {MIN_TISSUE:.0%} tissue)")
@@ -253,7 +283,7 @@ def slide_map(model_dir: str | os.PathLike, slide_path: str | os.PathLike, out_d
     with tqdm(total=len(tiles), desc="slide", unit="tile", disable=not progress) as bar:
         for first in range(0, len(tiles), batch_size):
             chunk = tiles[first:first + batch_size]
-            outputs = model(np.stack([read_tile(slide, slide_path, t, level, patch) for t in chunk]))
+            outputs = model.run(np.stack([read_tile(slide, slide_path, t, level, patch) for t in chunk]), slide_path)
             scores = tile_scores(model, outputs)
             for i, tile in enumerate(chunk):
                 row = {"row": tile.row, "col": tile.col, "x": tile.x, "y": tile.y, "width": tile.size,
@@ -267,15 +297,15 @@ def slide_map(model_dir: str | os.PathLike, slide_path: str | os.PathLike, out_d
             bar.update(len(chunk))
     seconds = time.time() - start
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = slide_path.stem
     values = np.array([row[name] for row in rows])
     paths = {"csv": out_dir / f"{stem}_tiles.csv", "heatmap": out_dir / f"{stem}_heatmap.png",
              "geojson": out_dir / f"{stem}.geojson"}
-    write_tiles_csv(paths["csv"], rows)
-    heatmap(thumbnail, slide.dimensions, tiles, values, name, paths["heatmap"],
-            f"{slide_path.name}: {len(tiles)} tiles, mean {name} {values.mean():.3f}")
-    write_text(paths["geojson"], json.dumps(geojson(tiles, rows, nuclei)))
+    title = f"{slide_path.name}: {len(tiles)} tiles, mean {name} {values.mean():.3f}"
+    write_together({
+        paths["csv"]: lambda tmp: write_tiles_csv(tmp, rows),
+        paths["heatmap"]: lambda tmp: heatmap(thumbnail, slide.dimensions, tiles, values, name, tmp, title),
+        paths["geojson"]: lambda tmp: tmp.write_text(json.dumps(geojson(tiles, rows, nuclei)))})
     return {"tiles": len(tiles), f"mean_{name}": round(float(values.mean()), 4),
             "nuclei": len(nuclei) if model.has_masks else "-",
             "mpp": round(mpp, 4) if mpp else f"unknown (assumed {TRAINING_MPP})", "level": level,

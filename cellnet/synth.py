@@ -34,7 +34,7 @@ from tqdm import tqdm
 from .breastpathq import LABEL_FILES, SPLIT_FOLDERS, region_file_stem, write_key_xml
 from .classes import BACKGROUND, CELL_CLASSES, LYMPHOCYTE, MALIGNANT, NORMAL
 from .errors import CellnetError, bad
-from .imageio import read_rgb, write_image, write_text
+from .imageio import atomic_dir, read_rgb, write_image, write_text
 
 GENERATOR_VERSION = "1.0"
 README_MARKER = "cellnet synthetic BreastPathQ dataset"
@@ -657,23 +657,16 @@ def rater_score(truth: float, rng: np.random.Generator) -> float:
 # ----------------------------------------------------------------------------- writing
 
 
-def _claim_folder(out: Path) -> None:
-    """Use an empty folder, or clear the files of a previous synth run; refuse anything else."""
+def _check_free(out: Path) -> None:
+    """Refuse a file or a non-empty folder: even a previous synth output may hold the user's edits."""
     if out.exists() and not out.is_dir():
         raise bad(out, "exists and is not a folder")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise bad(parent, f"is a file, not a folder (in the way of {out})")
     if out.is_dir() and any(out.iterdir()):
-        readme = out / "README.txt"
-        if not (readme.is_file() and README_MARKER in readme.read_text(errors="replace")):
-            raise bad(out, "folder is not empty and is not a previous `cellnet synth` output; "
-                           "choose a new or empty folder")
-        for folder in (*SPLIT_FOLDERS.values(), "cells"):
-            if (out / folder).is_dir():
-                for path in (out / folder).iterdir():
-                    if path.is_file() and path.suffix in (".tif", ".xml"):
-                        path.unlink()
-        for name in (*LABEL_FILES.values(), "patient_ids.csv", "preview.png"):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+        raise bad(out, "exists and is not empty; synth never writes over a folder "
+                       "(choose a new or empty --out)")
 
 
 def _readme(seed: int, patients: int, small: bool) -> str:
@@ -738,7 +731,8 @@ def synthesize(out: str | os.PathLike, patients: int | None = None, seed: int = 
     """Write a complete synthetic BreastPathQ-layout dataset under ``out``; returns a summary.
 
     ``patients`` defaults to 24 (about 450 patches and 60 regions), or 8 with ``small`` (about 100
-    patches, 24 regions, fewer patches per slide); an explicit number overrides either.
+    patches, 24 regions, fewer patches per slide); an explicit number overrides either. ``out`` must
+    be new or empty; the files appear under it only once all are written.
     """
     started = time.perf_counter()
     n_patients = patients if patients is not None else (8 if small else 24)
@@ -746,50 +740,51 @@ def synthesize(out: str | os.PathLike, patients: int | None = None, seed: int = 
         raise CellnetError(f"--patients: need at least 3 (one each for train, validation and test), got {n_patients}")
     if seed < 0:
         raise CellnetError(f"--seed: must be >= 0, got {seed}")
-    out = Path(out)
-    _claim_folder(out)
-    write_text(out / "README.txt", _readme(seed, n_patients, small))
-    plan = plan_patients(n_patients, seed, small)
-    train = [p for p in plan if p.split == "train"]
-    n_regions = 3 * n_patients if small else round(2.5 * n_patients)
-    regions = [(train[k % len(train)], k // len(train) + 1) for k in range(n_regions)]
-    n_patches = sum(sum(p.patches_per_slide) for p in plan)
+    final = Path(out)
+    _check_free(final)
+    with atomic_dir(final) as out:  # an interrupted synth leaves nothing under the final name
+        write_text(out / "README.txt", _readme(seed, n_patients, small))
+        plan = plan_patients(n_patients, seed, small)
+        train = [p for p in plan if p.split == "train"]
+        n_regions = 3 * n_patients if small else round(2.5 * n_patients)
+        regions = [(train[k % len(train)], k // len(train) + 1) for k in range(n_regions)]
+        n_patches = sum(sum(p.patches_per_slide) for p in plan)
 
-    rows: dict[str, list[tuple[str, int, float, float]]] = {split: [] for split in SPLIT_FOLDERS}
-    written: list[tuple[Path, float, float]] = []
-    points = dict.fromkeys(CELL_CLASSES, 0)
-    first_region = None
-    with tqdm(total=n_patches + n_regions, desc="cellnet synth", unit="image", disable=not progress) as bar:
-        for patient in plan:
-            for slide_index, (slide, count) in enumerate(zip(patient.slides, patient.patches_per_slide)):
-                for rid in range(1, count + 1):
-                    tissue = render_patch(seed, patient, slide_index, rid)
-                    path = out / SPLIT_FOLDERS[patient.split] / f"{slide}_{rid}.tif"
-                    write_image(path, tissue.image)
-                    score_rng = np.random.default_rng([seed, _SCORE, patient.index, slide_index, rid])
-                    y = rater_score(tissue.truth, score_rng)
-                    rows[patient.split].append((slide, rid, y, tissue.truth))
-                    written.append((path, y, tissue.truth))
-                    bar.update()
-        for patient, number in regions:
-            tissue = render_region(seed, patient, number)
-            stem = region_file_stem(patient.patient_id, number)
-            write_image(out / "cells" / f"{stem}_crop.tif", tissue.image)
-            write_key_xml(out / "cells" / f"{stem}_key.xml", tissue.points, tissue.point_labels)
-            for index, cls in enumerate(CELL_CLASSES):
-                points[cls] += int(np.count_nonzero(tissue.point_labels == index))
-            if first_region is None:
-                first_region = (out / "cells" / f"{stem}_crop.tif", tissue.points, tissue.point_labels)
-            bar.update()
+        rows: dict[str, list[tuple[str, int, float, float]]] = {split: [] for split in SPLIT_FOLDERS}
+        written: list[tuple[Path, float, float]] = []
+        points = dict.fromkeys(CELL_CLASSES, 0)
+        first_region = None
+        with tqdm(total=n_patches + n_regions, desc="cellnet synth", unit="image", disable=not progress) as bar:
+            for patient in plan:
+                for slide_index, (slide, count) in enumerate(zip(patient.slides, patient.patches_per_slide)):
+                    for rid in range(1, count + 1):
+                        tissue = render_patch(seed, patient, slide_index, rid)
+                        path = out / SPLIT_FOLDERS[patient.split] / f"{slide}_{rid}.tif"
+                        write_image(path, tissue.image)
+                        score_rng = np.random.default_rng([seed, _SCORE, patient.index, slide_index, rid])
+                        y = rater_score(tissue.truth, score_rng)
+                        rows[patient.split].append((slide, rid, y, tissue.truth))
+                        written.append((path, y, tissue.truth))
+                        bar.update()
+            for patient, number in regions:
+                tissue = render_region(seed, patient, number)
+                stem = region_file_stem(patient.patient_id, number)
+                write_image(out / "cells" / f"{stem}_crop.tif", tissue.image)
+                write_key_xml(out / "cells" / f"{stem}_key.xml", tissue.points, tissue.point_labels)
+                for index, cls in enumerate(CELL_CLASSES):
+                    points[cls] += int(np.count_nonzero(tissue.point_labels == index))
+                if first_region is None:
+                    first_region = (out / "cells" / f"{stem}_crop.tif", tissue.points, tissue.point_labels)
+                bar.update()
 
-    for split, name in LABEL_FILES.items():
-        write_text(out / name, _format_rows(rows[split]))
-    write_text(out / "patient_ids.csv",
-               "patient_id,slide\n" + "".join(f"{p.patient_id},{s}\n" for p in plan for s in p.slides))
-    _preview(out, written, first_region)
+        for split, name in LABEL_FILES.items():
+            write_text(out / name, _format_rows(rows[split]))
+        write_text(out / "patient_ids.csv",
+                   "patient_id,slide\n" + "".join(f"{p.patient_id},{s}\n" for p in plan for s in p.slides))
+        _preview(out, written, first_region)
     seconds = time.perf_counter() - started
     return {
-        "out": str(out), "seed": seed, "patients": n_patients, "small": small, "version": GENERATOR_VERSION,
+        "out": str(final), "seed": seed, "patients": n_patients, "small": small, "version": GENERATOR_VERSION,
         "splits": {split: {"patients": sum(p.split == split for p in plan),
                            "slides": sum(len(p.slides) for p in plan if p.split == split),
                            "patches": len(rows[split])} for split in SPLIT_FOLDERS},

@@ -191,3 +191,44 @@ def test_empty_and_missing_folders(tmp_path):
 def test_bad_on_bad_value(layout):
     with pytest.raises(CellnetError, match="--on-bad"):
         read_breastpathq(layout, on_bad="ignore")
+
+
+def test_two_images_with_one_stem_are_an_error(layout):
+    first = layout / "train" / "11_1.tif"
+    write_image(first.with_suffix(".png"), patch_image(99))
+    message = expect_one_line_error(layout, first)
+    assert "11_1.png and 11_1.tif" in message
+    data = read_breastpathq(layout, on_bad="skip")  # skip mode keeps the first (by name) and reports
+    assert [p.path.name for p in data.split("train") if p.stem == "11_1"] == ["11_1.png"]
+    assert len(data.problems.items) == 1 and str(first) in data.problems.items[0]
+
+
+def test_key_xml_without_points_is_kept_and_noted(layout):
+    key = layout / "cells" / "1_Region 1_key.xml"
+    key.write_text("<annotations></annotations>\n")
+    data = read_breastpathq(layout)
+    assert [len(r.points) for r in data.regions if r.xml_path == key] == [0]
+    assert list(data.problems.notes.values()) == [1] and "no points" in next(iter(data.problems.notes))
+    assert data.problems.first[next(iter(data.problems.notes))] == (str(key), 0)
+
+
+def test_a_file_given_as_the_dataset_folder(tmp_path):
+    (tmp_path / "labels.csv").write_text("slide,rid,y\n")
+    with pytest.raises(CellnetError, match="labels.csv: is a file, not a dataset folder"):
+        read_breastpathq(tmp_path / "labels.csv")
+
+
+def test_one_warning_line_per_kind_naming_the_first_file(capsys, monkeypatch):
+    monkeypatch.setattr("cellnet.errors.PROG", "cellnet")
+    problems = Problems("skip")
+    for name in ("b_key.xml", "a_key.xml", "b_key.xml"):
+        problems.warn("points outside their image dropped", 2, path=name)
+    problems.warn("unknown BRCA-M2C class 9", path="c.txt", line=7)
+    problems.note("x.jpg", "named .jpg but holds PNG data; read as PNG")
+    problems.emit_warnings()
+    assert capsys.readouterr().err.splitlines() == [
+        "cellnet: warning: x.jpg: named .jpg but holds PNG data; read as PNG",
+        "cellnet: warning: a_key.xml: points outside their image dropped: 6 (in 2 files, first here)",
+        "cellnet: warning: c.txt: line 7: unknown BRCA-M2C class 9: 1",
+    ]
+    assert "warning: named .jpg but holds PNG data; read as PNG: 1 file(s)" in problems.summary()

@@ -58,3 +58,16 @@ def test_a_file_in_the_way_of_an_output_folder_is_named(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == f"cellnet synth: error: {blocker}: is a file, not a folder (in the way of {blocker / 'x'})"
     assert blocker.read_text() == "mine"
+
+
+def test_an_error_inside_a_progress_bar_starts_on_a_new_line(capsys):
+    from tqdm import tqdm
+
+    from cellnet.errors import emit
+
+    bar = tqdm(range(10), file=__import__("sys").stderr)
+    next(iter(bar))
+    emit("cellnet prepare: error: x.tif: unreadable")
+    err = capsys.readouterr().err
+    bar.close()
+    assert "\ncellnet prepare: error: x.tif: unreadable\n" in err

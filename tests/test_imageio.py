@@ -171,3 +171,71 @@ def test_interrupted_write_leaves_no_temp_and_keeps_the_old_file(tmp_path, monke
         write_image(tmp_path / "new.tif", RGB)
     assert [p.name for p in tmp_path.iterdir()] == ["a.tif"]
     assert target.read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- bit depth, content
+
+def notes_of(path: Path) -> tuple[np.ndarray, list[str]]:
+    heard: list[str] = []
+    array = read_rgb(path, lambda where, problem: heard.append(f"{where}: {problem}"))
+    return array, heard
+
+
+def test_twelve_bit_tiff_reads_at_its_real_brightness(tmp_path):
+    path = tmp_path / "camera.tif"
+    tifffile.imwrite(path, RGB.astype(np.uint16) << 4, photometric="rgb")  # 12-bit data, 16-bit samples
+    array, heard = notes_of(path)
+    check_rgb8(array, RGB)
+    assert heard == [f"{path}: 16-bit TIFF holding 12-bit data (inferred from its largest value): "
+                     "scaled to 8 bits by 1/16"]
+
+
+def test_declared_bit_depth_wins_over_the_largest_value(tmp_path):
+    dark = (RGB // 4).astype(np.uint16) << 4  # 12-bit data whose largest value fits 10 bits
+    tifffile.imwrite(tmp_path / "packed.tif", dark, photometric="rgb", bitspersample=12)
+    tifffile.imwrite(tmp_path / "tagged.tif", dark, photometric="rgb", extratags=[(281, "H", 1, 4095, True)])
+    for name in ("packed.tif", "tagged.tif"):
+        array, heard = notes_of(tmp_path / name)
+        check_rgb8(array, RGB // 4)
+        assert len(heard) == 1 and "12-bit data (declared in the file)" in heard[0]
+
+
+def test_full_range_16_bit_is_not_reported(tmp_path):
+    tifffile.imwrite(tmp_path / "w.tif", RGB.astype(np.uint16) << 8, photometric="rgb")
+    array, heard = notes_of(tmp_path / "w.tif")
+    check_rgb8(array, RGB)
+    assert heard == []
+
+
+@pytest.mark.parametrize("name, content", [("a.jpg", ".png"), ("a.png", ".tif"), ("a.tif", ".png")])
+def test_content_decides_the_format(tmp_path, name, content):
+    write_image(tmp_path / f"real{content}", RGB)
+    (tmp_path / name).write_bytes((tmp_path / f"real{content}").read_bytes())
+    array, heard = notes_of(tmp_path / name)
+    check_rgb8(array, RGB)
+    fmt = {".png": "PNG", ".tif": "TIFF"}[content]
+    assert heard == [f"{tmp_path / name}: named {Path(name).suffix} but holds {fmt} data; read as {fmt}"]
+
+
+def test_the_default_note_is_a_warning_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("cellnet.errors.PROG", "cellnet")  # the command line sets it per command
+    write_image(tmp_path / "real.png", RGB)
+    (tmp_path / "a.jpg").write_bytes((tmp_path / "real.png").read_bytes())
+    read_rgb(tmp_path / "a.jpg")
+    assert capsys.readouterr().err.splitlines() == [
+        f"cellnet: warning: {tmp_path / 'a.jpg'}: named .jpg but holds PNG data; read as PNG"]
+
+
+def test_truncated_jpeg_under_another_name_is_still_truncated(tmp_path):
+    write_image(tmp_path / "t.jpg", RGB)
+    data = (tmp_path / "t.jpg").read_bytes()
+    (tmp_path / "t.png").write_bytes(data[: int(len(data) * 0.8)])
+    assert "truncated JPEG" in one_line_error_naming(tmp_path / "t.png", lambda: notes_of(tmp_path / "t.png"))
+
+
+def test_a_declared_full_16_bit_range_is_kept_for_a_dark_image(tmp_path):
+    dark = (RGB // 16).astype(np.uint16) << 8  # largest value fits 12 bits, but the file says 16
+    tifffile.imwrite(tmp_path / "d.tif", dark, photometric="rgb", extratags=[(281, "H", 1, 65535, True)])
+    array, heard = notes_of(tmp_path / "d.tif")
+    check_rgb8(array, RGB // 16)
+    assert heard == []

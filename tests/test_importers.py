@@ -154,7 +154,7 @@ def test_geojson_points_detections_and_skips(tmp_path):
     collection = {"type": "FeatureCollection", "features": [
         feature({"type": "Point", "coordinates": [12.5, 7.25]}, "Tumor", "annotation"),
         feature({"type": "MultiPoint", "coordinates": [[1, 2], [3, 4], [5, 6]]}, "Lymphocyte", "annotation"),
-        feature(square(20, 30, 40, 50), "Immune cells", "detection"),            # unknown name: counted
+        feature(square(20, 30, 40, 50), "Immune cells", "detection"),            # QuPath's: lymphocyte
         feature(triangle, "Normal", "detection"),                                 # centroid (20, 30)
         feature(ring_with_hole, "Tumor", "detection"),                            # left half: (15, 30)
         feature(square(0, 0, 100, 90), "Tumor", "annotation"),                    # a region, not a cell
@@ -173,13 +173,12 @@ def test_geojson_points_detections_and_skips(tmp_path):
     summary = import_points("geojson", src, tmp_path / "out")
     regions = regions_by_case(tmp_path / "out")
     assert point_set(regions["slide1"].points, regions["slide1"].labels) == point_set(
-        [(12.5, 7.25), (1, 2), (3, 4), (5, 6), (20, 30), (15, 30), (92, 82)],
-        [2, 1, 1, 1, 0, 2, 2])
+        [(12.5, 7.25), (1, 2), (3, 4), (5, 6), (30, 40), (20, 30), (15, 30), (92, 82)],
+        [2, 1, 1, 1, 1, 0, 2, 2])
     assert point_set(regions["slide2"].points, regions["slide2"].labels) == [(4.0, 5.0, 2), (70.0, 3.0, 1)]
-    assert summary["points"] == {"normal": 1, "lymphocyte": 4, "malignant": 4}
+    assert summary["points"] == {"normal": 1, "lymphocyte": 5, "malignant": 4}
     skipped = summary["skipped_points"]
-    assert sum(skipped.values()) == 4
-    assert [n for k, n in skipped.items() if "Immune cells" in k] == [1]
+    assert sum(skipped.values()) == 3
     assert [n for k, n in skipped.items() if "Stroma" in k] == [1]
     assert [n for k, n in skipped.items() if "annotation" in k] == [1]
     np.testing.assert_array_equal(read_rgb(regions["slide2"].image_path), image(80, 80, 2))
@@ -324,3 +323,25 @@ def test_empty_folder_and_unknown_format(tmp_path):
 def test_describe_formats_names_every_format_and_stroma():
     text = describe_formats()
     assert all(f in text for f in FORMATS) and "stromal" in text and "image,x,y,class" in text
+
+
+def test_qupath_default_classes_go_through_the_class_table():
+    from cellnet.classes import class_for_description
+    from cellnet.importers import QUPATH_CLASSES
+
+    expected = {"Tumor": "malignant", "Immune cells": "lymphocyte"}  # the rest have no cellnet channel
+    for name in QUPATH_CLASSES:
+        for spelling in (name, name.upper(), name.lower()):
+            assert class_for_description(spelling) == expected.get(name), spelling
+    assert set(QUPATH_CLASSES) >= {"Tumor", "Immune cells", "Stroma", "Necrosis", "Other", "Region*", "Ignore*",
+                                   "Positive", "Negative"}
+
+
+def test_skipped_points_name_their_file_and_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("cellnet.errors.PROG", "cellnet")
+    src = write_brca(tmp_path / "brca", {"a": [(5, 5, 1), (6, 6, 2)], "b": [(1, 1, 2), (2, 2, 9), (3, 3, 9)]})
+    summary = import_points("brca-m2c", src, tmp_path / "out")
+    assert summary["skipped_points"] == {"unknown BRCA-M2C class 9 (expected 1, 2 or 3)": 2}
+    assert capsys.readouterr().err.splitlines() == [
+        f"cellnet: warning: {src / 'labels' / 'b_gt_class_coords.txt'}: line 2: skipped 2 point(s): "
+        "unknown BRCA-M2C class 9 (expected 1, 2 or 3)"]

@@ -101,3 +101,59 @@ def test_empty_folder_is_a_one_line_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CellnetError, match="empty: no patches"):
         prepare(tmp_path / "empty", tmp_path / "out", progress=False)
+
+
+def _copy(folder, tmp_path):
+    import shutil
+
+    return shutil.copytree(folder, tmp_path / "prepared")
+
+
+def test_shards_are_checked_when_a_prepared_folder_is_opened(tiny_prepared, tmp_path):
+    from cellnet.records import verify_shards
+
+    prepared = _copy(tiny_prepared, tmp_path)
+    verify_shards(prepared)  # a sound folder passes
+    shard = prepared / load_manifest(prepared)["splits"]["train"]["shards"][0]
+    body = shard.read_bytes()
+    shard.write_bytes(body[: len(body) - 10])
+    with pytest.raises(CellnetError, match=f"^{shard}: truncated or corrupt TFRecord shard .*prepare` again$"):
+        ensure_prepared(prepared, tmp_path)
+    shard.unlink()
+    with pytest.raises(CellnetError, match=f"^{shard}: shard listed in manifest.json is missing"):
+        ensure_prepared(prepared, tmp_path)
+
+
+def test_a_damaged_cache_is_prepared_again(tiny_layout, tmp_path, capsys):
+    from cellnet.records import verify_shards
+
+    cache = ensure_prepared(tiny_layout, tmp_path, progress=False)
+    shard = cache / load_manifest(cache)["splits"]["eval"]["shards"][0]
+    shard.write_bytes(b"")
+    capsys.readouterr()
+    assert ensure_prepared(tiny_layout, tmp_path, progress=False) == cache
+    verify_shards(cache)
+    err = capsys.readouterr().err
+    assert f"warning: {cache}: damaged cache, preparing it again ({shard.name}: holds 0 record" in err
+
+
+def test_data_error_is_only_for_damaged_records():
+    from cellnet.records import data_error
+
+    loss = tf.errors.DataLossError(None, None, "{{function_node x}} corrupted record at 42\n\t [[{{node y}}]]")
+    assert str(data_error(loss, "prep")) == ("prep: a TFRecord shard is truncated or corrupt "
+                                             "(corrupted record at 42); run `cellnet prepare` again")
+    assert data_error(tf.errors.InvalidArgumentError(None, None, "shape"), "prep") is None
+    assert data_error(ValueError("bug"), "prep") is None
+
+
+def test_disk_full_leaves_nothing(tiny_layout, tmp_path, monkeypatch):
+    class FullDisk(tf.io.TFRecordWriter):
+        def write(self, record):
+            raise tf.errors.ResourceExhaustedError(None, None, "/x/.out.tmp1/a.tfrecord; No space left on device")
+
+    monkeypatch.setattr(tf.io, "TFRecordWriter", FullDisk)
+    (tmp_path / "out").mkdir()  # an empty --out is the user's: it stays, empty
+    with pytest.raises(CellnetError, match=r"out/train-000-of-001.tfrecord: could not write \(No space left"):
+        prepare(tiny_layout, tmp_path / "out", progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and not any((tmp_path / "out").iterdir())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -118,25 +119,35 @@ def test_truth_follows_the_hematoxylin_in_the_pixels(small_set):
 def test_same_seed_same_bytes_other_seed_other_bytes(small_set, tmp_path):
     out, _ = small_set
     again = tmp_path / "again"
+    again.mkdir()  # an existing empty folder is fine
     synthesize(again, patients=3, seed=0, small=True, progress=False)
     assert file_hashes(again) == file_hashes(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["again"]  # no temporary folder left
 
-    # Re-running into a previous synth output replaces it, stale files included.
-    stale = again / "train" / "9999_1.tif"
-    stale.write_bytes(b"old")
-    synthesize(again, patients=3, seed=1, small=True, progress=False)
-    assert not stale.exists()
-    other, first = file_hashes(again), file_hashes(out)
-    images = [name for name in first if name.endswith(".tif") and name in other]
-    assert images and all(other[name] != first[name] for name in images)
-    assert read_breastpathq(again).problems.items == []
+    other = tmp_path / "other"
+    synthesize(other, patients=3, seed=1, small=True, progress=False)
+    first, second = file_hashes(out), file_hashes(other)
+    images = [name for name in first if name.endswith(".tif") and name in second]
+    assert images and all(second[name] != first[name] for name in images)
+    assert read_breastpathq(other).problems.items == []
+
+
+def test_never_writes_over_a_previous_output(small_set, tmp_path):
+    """A previous synth output may hold the user's edits (labels, removed patches): refused."""
+    again = tmp_path / "again"
+    shutil.copytree(small_set[0], again)
+    (again / "train_labels.csv").write_text("slide,rid,y\nedited,1,0.5\n")
+    before = file_hashes(again)
+    with pytest.raises(CellnetError, match="not empty"):
+        synthesize(again, patients=3, seed=1, small=True, progress=False)
+    assert file_hashes(again) == before
 
 
 def test_refuses_foreign_folders_and_bad_arguments(tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(CellnetError, match="not a previous"):
+    with pytest.raises(CellnetError, match="not empty"):
         synthesize(foreign, patients=3, small=True, progress=False)
     assert (foreign / "notes.txt").read_text() == "keep me"
     with pytest.raises(CellnetError, match="at least 3"):
