@@ -1,7 +1,6 @@
 """The four training commands: segmentation, direct cellularity, SR cascade, GBT (SPEC 4)."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import keras
@@ -13,12 +12,27 @@ from .data import cellularity_dataset, patch_records, segmentation_dataset, spli
 from .errors import CellnetError, bad
 from .presets import preset
 from .records import ensure_prepared
-from .training import (AugmentedTrainer, RunConfig, configure_runtime, lr_schedule, open_run,
-                       read_run, save_model_atomic, standard_callbacks, timed, write_run)
+from .imageio import atomic_path
+from .training import (AugmentedTrainer, RunConfig, check_run, configure_runtime, copy_atomic, finish_run, fit,
+                       lr_schedule, open_run, read_run, require_complete, save_model_atomic, timed, write_run,
+                       writing)
 
 
-def _prepared(cfg: RunConfig, run: Path) -> Path:
-    return ensure_prepared(cfg.data, run.parent, seed=cfg.seed, on_bad=cfg.on_bad, progress=cfg.progress)
+def _open(cfg: RunConfig) -> tuple[Path, Path]:
+    """(run folder, prepared data): the data is read and checked before the run folder exists,
+    so a bad dataset leaves no run behind; a refused ``--run`` is refused before that work."""
+    check_run(cfg)
+    prepared = ensure_prepared(cfg.data, Path(cfg.run).parent, seed=cfg.seed, on_bad=cfg.on_bad,
+                               progress=cfg.progress)
+    return open_run(cfg)[0], prepared
+
+
+def _segmentation_run(seg: str) -> dict:
+    """The run.json of the finished segmentation run given as ``--seg``."""
+    info = require_complete(seg, "serve as --seg")
+    if info.get("kind") != "segmentation":
+        raise bad(seg, f"is a {info.get('kind')} run, not a segmentation run (--seg)")
+    return info
 
 
 def _require(prepared: Path, split: str, what: str) -> int:
@@ -30,12 +44,8 @@ def _require(prepared: Path, split: str, what: str) -> int:
 
 def _fit(trainer: AugmentedTrainer, train_ds, val_ds, cfg: RunConfig, run: Path, epochs: int,
          steps: int, monitor: str, mode: str, prefix: str = "", preview=None) -> None:
-    # an explicit count of validation batches: Keras warns "ran out of data" on a finite set otherwise
-    val_steps = None if val_ds is None else int(val_ds.reduce(0, lambda n, _: n + 1))
-    trainer.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds, shuffle=False,
-                validation_steps=val_steps,
-                callbacks=standard_callbacks(trainer, run, monitor, mode, prefix, preview),
-                verbose=2 if cfg.progress else 0)
+    fit(trainer, train_ds, val_ds, run, epochs=epochs, steps=steps, monitor=monitor, mode=mode,
+        prefix=prefix, preview=preview, verbose=2 if cfg.progress else 0)
 
 
 def load_run_model(run: str | Path, which: str = "best") -> keras.Model:
@@ -56,8 +66,7 @@ def train_segmentation(cfg: RunConfig) -> dict:
     if cfg.decoder not in ("fpn", "unet"):
         raise CellnetError(f"--decoder: expected fpn or unet, got {cfg.decoder!r}")
     init_path = cfg.init_path
-    run, _ = open_run(cfg)
-    prepared = _prepared(cfg, run)
+    run, prepared = _open(cfg)
     n_train = _require(prepared, "cells_train", "train a segmenter on (no cells/ regions?)")
     n_val = split_count(prepared, "cells_val")
     strategy = configure_runtime(cfg)
@@ -85,8 +94,8 @@ def train_segmentation(cfg: RunConfig) -> dict:
     monitor = "val_loss" if val_ds is not None else "loss"
     with timed(run, "train_seconds"):
         _fit(trainer, train_ds, val_ds, cfg, run, cfg.epochs, steps, monitor, "min", preview=preview)
-    return write_run(run, status="complete", kind="segmentation", decoder=cfg.decoder,
-                     init=cfg.init, params=int(model.count_params()), prepared=str(prepared))
+    return finish_run(run, kind="segmentation", decoder=cfg.decoder, init=cfg.init,
+                      params=int(model.count_params()), prepared=str(prepared))
 
 
 # ----------------------------------------------------------------------------- direct models
@@ -122,8 +131,7 @@ def train_cellularity(cfg: RunConfig) -> dict:
     if cfg.head not in ("regression", "classification"):
         raise CellnetError(f"--head: expected regression or classification, got {cfg.head!r}")
     init_path = cfg.init_path
-    run, _ = open_run(cfg)
-    prepared = _prepared(cfg, run)
+    run, prepared = _open(cfg)
     strategy = configure_runtime(cfg)
     train_ds, val_ds, steps = _cellularity_data(cfg, prepared)
     with strategy.scope():
@@ -135,8 +143,8 @@ def train_cellularity(cfg: RunConfig) -> dict:
     monitor = "val_mse" if val_ds is not None else "mse"
     with timed(run, "train_seconds"):
         _fit(trainer, train_ds, val_ds, cfg, run, cfg.epochs, steps, monitor, "min")
-    return write_run(run, status="complete", kind=cfg.head, arch=cfg.arch, init=cfg.init,
-                     params=int(model.count_params()), prepared=str(prepared))
+    return finish_run(run, kind=cfg.head, arch=cfg.arch, init=cfg.init,
+                      params=int(model.count_params()), prepared=str(prepared))
 
 
 # ----------------------------------------------------------------------------- SR cascade
@@ -147,13 +155,10 @@ def train_cascade(cfg: RunConfig) -> dict:
 
     cfg.resolve(preset("cascade", cfg.preset))
     cfg.arch, cfg.head = "resnet34", "regression"
-    seg_info = read_run(cfg.seg)
-    if seg_info.get("kind") != "segmentation":
-        raise bad(cfg.seg, f"is a {seg_info.get('kind')} run, not a segmentation run (--seg)")
+    _segmentation_run(cfg.seg)
     init_path = cfg.init_path
-    run, _ = open_run(cfg)
+    run, prepared = _open(cfg)
     info = read_run(run)
-    prepared = _prepared(cfg, run)
     strategy = configure_runtime(cfg)
     train_ds, val_ds, steps = _cellularity_data(cfg, prepared)
     monitor = "val_mse" if val_ds is not None else "mse"
@@ -191,11 +196,11 @@ def train_cascade(cfg: RunConfig) -> dict:
         best = "finetune_best" if _best_value(run, "finetune_", monitor) <= _best_value(run, "head_", monitor) else "head_best"
     else:
         best = "head_best"
-    shutil.copyfile(run / f"{best}.keras", run / "best.keras")
-    shutil.copyfile(run / f"{best}.keras", run / "last.keras")
-    return write_run(run, status="complete", kind="cascade", arch="resnet34", seg=str(cfg.seg),
-                     init=cfg.init, best_phase=best.split("_")[0], params=int(cascade.count_params()),
-                     prepared=str(prepared))
+    copy_atomic(run / f"{best}.keras", run / "best.keras")
+    copy_atomic(run / f"{best}.keras", run / "last.keras")
+    return finish_run(run, kind="cascade", arch="resnet34", seg=str(cfg.seg), init=cfg.init,
+                      best_phase=best.split("_")[0], params=int(cascade.count_params()),
+                      prepared=str(prepared))
 
 
 def _best_value(run: Path, prefix: str, monitor: str) -> float:
@@ -237,11 +242,8 @@ def train_gbt(cfg: RunConfig) -> dict:
     cfg.resolve(preset("gbt", cfg.preset))
     if not cfg.seg:
         raise CellnetError("cellnet train gbt needs --seg RUN (a trained segmentation run)")
-    seg_info = read_run(cfg.seg)
-    if seg_info.get("kind") != "segmentation":
-        raise bad(cfg.seg, f"is a {seg_info.get('kind')} run, not a segmentation run (--seg)")
-    run, _ = open_run(cfg)
-    prepared = _prepared(cfg, run)
+    seg_info = _segmentation_run(cfg.seg)
+    run, prepared = _open(cfg)
     configure_runtime(cfg)
     _require(prepared, "train", "train a GBT on")
     segmenter = load_run_model(cfg.seg)
@@ -252,25 +254,32 @@ def train_gbt(cfg: RunConfig) -> dict:
         frame = feature_frame(x)
         frame.insert(0, "id", ids)
         frame.insert(1, "y", y)
-        frame.to_csv(run / f"features_{split}.csv", index=False)
+        _write_csv(frame, run / f"features_{split}.csv")
     x_val, y_val = data["val"][:2] if "val" in data else (None, None)
     with timed(run, "train_seconds"):
         booster = fit_booster(data["train"][0], data["train"][1], x_val, y_val, seed=cfg.seed,
                               rounds=cfg.rounds, learning_rate=cfg.learning_rate,
                               max_depth=cfg.max_depth, max_leaves=cfg.max_leaves)
-    save_gbt(booster, run / "gbt.json")
+    with writing(run / "gbt.json"):
+        save_gbt(booster, run / "gbt.json")
     importance = feature_importance(booster)
-    importance.to_csv(run / "feature_importance.csv", index=False)
-    plots.feature_importance(importance, run / "feature_importance.png")
+    _write_csv(importance, run / "feature_importance.csv")
+    with writing(run / "feature_importance.png"):
+        plots.feature_importance(importance, run / "feature_importance.png")
     model = GBTCellularity(segmenter, booster, name="gbt_cellularity")
     save_model_atomic(model, run / "best.keras")
-    shutil.copyfile(run / "best.keras", run / "last.keras")
+    copy_atomic(run / "best.keras", run / "last.keras")
     metrics = {}
     if x_val is not None:
         metrics["val_mse"] = float(np.mean((booster.predict(_dmatrix(x_val)) - y_val) ** 2))
-    return write_run(run, status="complete", kind="gbt", seg=str(cfg.seg), init=seg_info.get("init", "random"),
-                     features=len(FEATURE_NAMES), top_feature=str(importance.iloc[0]["feature"]),
-                     prepared=str(prepared), **metrics)
+    return finish_run(run, kind="gbt", seg=str(cfg.seg), init=seg_info.get("init", "random"),
+                      features=len(FEATURE_NAMES), top_feature=str(importance.iloc[0]["feature"]),
+                      prepared=str(prepared), **metrics)
+
+
+def _write_csv(frame, path: Path) -> None:
+    with writing(path), atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
 
 
 def _dmatrix(x):

@@ -39,15 +39,35 @@ def test_short_training_learns_malignant_cells(synth_prepared, tmp_path):
     assert history["jaccard_malignant"].iloc[-3:].mean() > history["jaccard_malignant"].iloc[0] + 0.1
 
 
+class StopAfter(keras.callbacks.Callback):
+    """Simulate a crash once ``epochs`` epochs are committed (the last callback of an epoch)."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 >= self.epochs:
+            raise KeyboardInterrupt(f"simulated interruption after epoch {epoch + 1}")
+
+
+def interrupt_after(monkeypatch: pytest.MonkeyPatch, epochs: int) -> None:
+    """Make every training of this test stop with KeyboardInterrupt after ``epochs`` epochs."""
+    from cellnet import training
+
+    standard = training.standard_callbacks
+    monkeypatch.setattr(training, "standard_callbacks", lambda *a, **k: [*standard(*a, **k), StopAfter(epochs)])
+
+
 def test_kill_and_resume_continues_at_the_right_epoch(synth_prepared, tmp_path, monkeypatch):
     run = tmp_path / "seg"
     cfg = lambda: tiny_config("segmentation", synth_prepared, run, epochs=4)  # noqa: E731
-    monkeypatch.setenv("CELLNET_STOP_AFTER", "2")
-    with pytest.raises(KeyboardInterrupt):
-        train_segmentation(cfg())
+    with monkeypatch.context() as patched:
+        interrupt_after(patched, 2)
+        with pytest.raises(KeyboardInterrupt):
+            train_segmentation(cfg())
     assert json.loads((run / "run.json").read_text())["status"] == "running"
     assert list(pd.read_csv(run / "history.csv")["epoch"]) == [0, 1]
-    monkeypatch.delenv("CELLNET_STOP_AFTER")
     train_segmentation(cfg())
     history = pd.read_csv(run / "history.csv")
     assert list(history["epoch"]) == [0, 1, 2, 3]
