@@ -1,12 +1,13 @@
 """cellnet: residual breast tumour cellularity from H&E patches (Rakhlin et al. 2019).
 
-Importing the package registers every custom Keras object, so ``keras.saving.load_model``
-reloads any cellnet ``.keras`` file after ``import cellnet``.
+The package is laid out as the pipeline runs, imports flowing one way::
+
+    data -> models -> training -> evaluation -> serving
+
+with shared leaves at the top (``errors``, ``files``, ``classes``, ``preprocess``) and the
+command line (``cli``, ``demo``, ``bench``) above everything. ``import cellnet`` loads no
+TensorFlow, so ``cellnet --help`` answers at once; importing :mod:`cellnet.models` registers
+every custom Keras object, after which ``keras.saving.load_model`` reloads any cellnet
+``.keras`` file.
 """
-from cellnet.quiet import import_tensorflow
-
-import_tensorflow()  # before any module below imports it, so its start-up chatter is filtered
-
-from cellnet import augment, features, gbt, losses, models, training  # noqa: E402,F401  (registration)
-
-__version__ = "0.1.0"
+__version__ = "0.2.0"

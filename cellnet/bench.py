@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from .imageio import write_text
+from cellnet.files import write_text
 
 
 def _rate(fn, items: int, repeats: int, warmup: int = 1) -> float:
@@ -59,8 +59,8 @@ def graph_flops(fn, spec: tf.TensorSpec) -> int:
 
 
 def _synthetic_prepared(folder: Path) -> Path:
-    from .records import prepare
-    from .synth import synthesize
+    from cellnet.data.records import prepare
+    from cellnet.data.synth import synthesize
 
     synthesize(folder / "data", patients=4, small=True, progress=False)
     prepare(folder / "data", folder / "prepared", progress=False)
@@ -68,7 +68,7 @@ def _synthetic_prepared(folder: Path) -> Path:
 
 
 def bench_pipelines(prepared: Path, batches: int) -> dict:
-    from .data import cellularity_dataset, segmentation_dataset
+    from cellnet.data.pipeline import cellularity_dataset, segmentation_dataset
 
     out = {}
     for name, make in (("cellularity", lambda aug: cellularity_dataset(prepared, "train", 16, training=True,
@@ -86,11 +86,11 @@ def bench_pipelines(prepared: Path, batches: int) -> dict:
 
 
 def bench_train_steps(prepared: Path, steps: int) -> dict:
-    from .data import cellularity_dataset, segmentation_dataset
-    from .losses import SegmentationLoss
-    from .models import CellSegmenter, DirectCellularity, ResNet34Backbone
-    from .presets import preset
-    from .training import AugmentedTrainer
+    from cellnet.data.pipeline import cellularity_dataset, segmentation_dataset
+    from cellnet.training.losses import SegmentationLoss
+    from cellnet.models import CellSegmenter, DirectCellularity, ResNet34Backbone
+    from cellnet.training.presets import preset
+    from cellnet.training.trainer import AugmentedTrainer
 
     out = {}
     seg_p, cell_p = preset("segmentation", "cpu"), preset("cellularity", "cpu")
@@ -110,11 +110,11 @@ def bench_train_steps(prepared: Path, steps: int) -> dict:
 
 
 def bench_savedmodel(batches: tuple[int, ...], repeats: int) -> dict:
-    from .export import export_run
-    from .models import DirectCellularity
-    from .presets import preset
-    from .preprocess import full_res_to_model_input
-    from .training import save_model_atomic, write_run
+    from cellnet.serving.export import export_run
+    from cellnet.models import DirectCellularity
+    from cellnet.training.presets import preset
+    from cellnet.preprocess import full_res_to_model_input
+    from cellnet.training.runs import save_model_atomic, write_run
 
     width = preset("cellularity", "cpu")["width"]
     out = {}
@@ -138,8 +138,8 @@ def bench_savedmodel(batches: tuple[int, ...], repeats: int) -> dict:
 
 
 def bench_features(repeats: int) -> dict:
-    from .features import extract_features
-    from .gbt import train_gbt
+    from cellnet.models.features import extract_features
+    from cellnet.training.boosting import fit_booster
 
     maps = tf.random.uniform([16, 256, 256, 4])
     fn = tf.function(extract_features)
@@ -148,7 +148,7 @@ def bench_features(repeats: int) -> dict:
     x = rng.uniform(size=(400, 81)).astype(np.float32)
     y = np.clip(x[:, :5].mean(1) + rng.normal(0, 0.05, 400), 0, 1)
     start = time.perf_counter()
-    train_gbt(x, y, seed=0)
+    fit_booster(x, y, seed=0)
     out["gbt_fit_seconds_400x81_600_rounds"] = time.perf_counter() - start
     return out
 

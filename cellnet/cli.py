@@ -6,17 +6,17 @@ one line and exit 2, an interruption exits 130 with how to resume.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from cellnet.quiet import import_tensorflow
+from cellnet.training.presets import PRESETS
 
 
 def _common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="BreastPathQ-layout folder or a `cellnet prepare` output")
     p.add_argument("--run", required=True, help="run folder to create (or an interrupted one to resume)")
-    p.add_argument("--preset", default="cpu", choices=["paper", "cpu"],
+    p.add_argument("--preset", default="cpu", choices=sorted({name for task in PRESETS.values() for name in task}),
                    help="paper: the paper's settings (GPU); cpu: small and fast (default)")
     p.add_argument("--epochs", type=int, help="override the preset's epochs")
     p.add_argument("--batch-size", type=int, help="override the preset's batch size")
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--small", action="store_true", help="a tiny set for tests and the demo")
     p.add_argument("--quiet", action="store_true")
 
-    from .importers import describe_formats
+    from cellnet.data.formats import describe_formats
     p = sub.add_parser("import", help="convert point annotations to the BreastPathQ cells layout",
                        epilog=describe_formats(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--format", required=True, choices=["breastpathq", "brca-m2c", "geojson", "csv"])
@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--decoder", default="fpn", choices=["fpn", "unet"])
     t = tsub.add_parser("cellularity", help="direct cellularity model, or the SR cascade with --seg")
     _common_train(t)
-    t.add_argument("--arch", default="resnet34", choices=["resnet34", "resnet50", "xception"])
-    t.add_argument("--head", default="regression", choices=["regression", "classification"])
+    t.add_argument("--arch", choices=["resnet34", "resnet50", "xception"], help="direct model (default resnet34)")
+    t.add_argument("--head", choices=["regression", "classification"], help="direct model (default regression)")
     t.add_argument("--seg", help="segmentation RUN: train the SR cascade on its maps")
     t = tsub.add_parser("gbt", help="gradient-boosted trees on 81 features of a segmenter's maps")
     _common_train(t)
@@ -117,16 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     quiet = getattr(args, "quiet", False)
     if args.command == "synth":
-        from .synth import synthesize
+        from cellnet.data.synth import synthesize
         summary = synthesize(args.out, **({"patients": args.patients} if args.patients else {}),
                              seed=args.seed, small=args.small, progress=not quiet)
         print(f"wrote {args.out}: {_summary_line(summary)}")
     elif args.command == "import":
-        from .importers import import_points, summary_text
+        from cellnet.data.importers import import_points, summary_text
         summary = import_points(args.format, args.src, args.out, on_bad=args.on_bad)
         print(summary_text(summary))
     elif args.command == "prepare":
-        from .records import prepare
+        from cellnet.data.records import prepare
         manifest = prepare(args.data, args.out, seed=args.seed, val_fraction=args.val_fraction,
                            on_bad=args.on_bad, progress=not quiet)
         counts = ", ".join(f"{k} {v['count']}" for k, v in manifest["splits"].items())
@@ -134,37 +134,38 @@ def run(args: argparse.Namespace) -> int:
         if manifest["summary"]:
             print(manifest["summary"])
     elif args.command == "train":
-        from . import trainers
-        from .training import RunConfig
-        fields = {k: v for k, v in vars(args).items() if k in RunConfig.__dataclass_fields__}
-        cfg = RunConfig(**fields, progress=not quiet)
+        from cellnet.training import tasks as trainers
+        from cellnet.training.config import make_config
+        task = "cascade" if args.task == "cellularity" and args.seg else args.task
+        given = {k: v for k, v in vars(args).items() if k not in ("command", "task", "quiet")}
+        cfg = make_config(task, **given, progress=not quiet)
         job = {"segmentation": trainers.train_segmentation, "cellularity": trainers.train_cellularity,
                "gbt": trainers.train_gbt}[args.task]
         info = job(cfg)
         print(f"run complete: {args.run} ({info.get('kind')}, best epoch {info.get('best_epoch', '-')}, "
               f"{info.get('best', info.get('val_mse', ''))})")
     elif args.command == "evaluate":
-        from .report import evaluate
+        from cellnet.evaluation.report import evaluate
         out = evaluate(args.data, args.runs, args.out, split=args.split, seed=args.seed, progress=not quiet)
         print(f"report: {out / 'report.md'}")
     elif args.command == "export":
-        from .export import export_run
+        from cellnet.serving.export import export_run
         path = export_run(args.run, args.out, version=args.version)
         print(f"exported {path}")
     elif args.command == "predict":
-        from .inference import predict
+        from cellnet.serving.predict import predict
         summary = predict(args.model, args.input, args.out, overlays=args.overlays,
                           batch_size=args.batch_size, on_bad=args.on_bad, progress=not quiet)
         print(f"wrote {args.out}: {_summary_line(summary)}")
     elif args.command == "slide":
-        from .slide import slide_map
+        from cellnet.serving.slide import slide_map
         summary = slide_map(args.model, args.slide, args.out, batch_size=args.batch_size, progress=not quiet)
         print(f"wrote {args.out}: {_summary_line(summary)}")
     elif args.command == "bench":
-        from .bench import bench
+        from cellnet.bench import bench
         bench(args.out, quick=args.quick)
     elif args.command == "demo":
-        from .demo import demo
+        from cellnet.demo import demo
         demo(args.out, seed=args.seed)
     return 0
 
@@ -174,13 +175,14 @@ def _summary_line(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import errors
-    from .errors import CellnetError, emit
+    from cellnet import errors
+    from cellnet.errors import CellnetError, emit
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help and usage errors exit here, before TensorFlow
     prog = f"cellnet {args.command}" + (f" {args.task}" if getattr(args, "task", None) else "")
     errors.PROG = prog
     try:
+        import_tensorflow()  # once, quietly, before any command's module imports it
         return run(args)
     except CellnetError as exc:
         emit(f"{prog}: error: {exc}")
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a corrupt TFRecord met mid-run is the data's problem; others are bugs
         if "tensorflow" not in sys.modules:
             raise
-        from .records import data_error
+        from cellnet.data.records import data_error
         error = data_error(exc, getattr(args, "data", None))
         if error is None:
             raise

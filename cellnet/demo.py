@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import CellnetError
+from cellnet.errors import CellnetError
 
 #: Enough held-out patients (15% validation, 15% test) for confidence intervals that mean something.
 DEMO_PATIENTS = 16
@@ -29,13 +29,13 @@ def _done(run: Path) -> bool:
 
 
 def demo(out: str | Path, seed: int = 0) -> dict:
-    from .export import export_run
-    from .inference import predict
-    from .records import is_prepared, prepare
-    from .report import evaluate
-    from .synth import synthesize
-    from .trainers import train_cascade, train_cellularity, train_gbt, train_segmentation
-    from .training import RunConfig
+    from cellnet.serving.export import export_run
+    from cellnet.serving.predict import predict
+    from cellnet.data.records import is_prepared, prepare
+    from cellnet.evaluation.report import evaluate
+    from cellnet.data.synth import synthesize
+    from cellnet.training.tasks import train_cascade, train_cellularity, train_gbt, train_segmentation
+    from cellnet.training.config import make_config
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,14 +60,14 @@ def demo(out: str | Path, seed: int = 0) -> dict:
     seg = runs / "seg_fpn"
     jobs = [
         ("train segmentation (FPN, ResNet34-ELU)", seg,
-         lambda: train_segmentation(RunConfig(task="segmentation", run=str(seg), decoder="fpn", **common))),
+         lambda: train_segmentation(make_config("segmentation", run=str(seg), decoder="fpn", **common))),
         ("train cellularity: SR cascade", runs / "sr_cascade",
-         lambda: train_cascade(RunConfig(task="cascade", run=str(runs / "sr_cascade"), seg=str(seg), **common))),
+         lambda: train_cascade(make_config("cascade", run=str(runs / "sr_cascade"), seg=str(seg), **common))),
         ("train gbt: 81 features + XGBoost", runs / "gbt",
-         lambda: train_gbt(RunConfig(task="gbt", run=str(runs / "gbt"), seg=str(seg), **common))),
+         lambda: train_gbt(make_config("gbt", run=str(runs / "gbt"), seg=str(seg), **common))),
         ("train cellularity: direct ResNet34, 101-bin classification", runs / "resnet34_c",
-         lambda: train_cellularity(RunConfig(task="cellularity", run=str(runs / "resnet34_c"),
-                                             arch="resnet34", head="classification", **common))),
+         lambda: train_cellularity(make_config("cellularity", run=str(runs / "resnet34_c"),
+                                               arch="resnet34", head="classification", **common))),
     ]
     for title, run, fn in jobs:
         step(title, _done(run), fn)

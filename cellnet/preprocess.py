@@ -1,16 +1,19 @@
-"""The pixel path shared by training, evaluation and the exported SavedModels.
+"""The one pixel path: uint8 RGB at full resolution -> the models' input, used everywhere.
 
-Training reads full-resolution patches from TFRecords and the exported graph receives
-full-resolution uint8 RGB: both go through these same TF functions, so a served model sees
-exactly what the trained one saw.
+Training steps, evaluation, GBT feature fitting, the exported SavedModels, ``predict`` and
+``slide`` all go through these functions, so a served model sees exactly what the trained one
+saw. The constants are defined here once.
 """
 from __future__ import annotations
 
 import tensorflow as tf
 
+#: Patches are 512x512 at 0.5 um/px; models work at half that resolution (paper 4.2).
 DOWNSAMPLE = 2
 PATCH_SIZE = 512
 WORKING_SIZE = PATCH_SIZE // DOWNSAMPLE
+#: The encoder's total stride: a segmenter's input sides must be multiples of it.
+STRIDE = 32
 
 
 def downsample(images: tf.Tensor, factor: int = DOWNSAMPLE) -> tf.Tensor:
@@ -31,12 +34,17 @@ def to_model_range(images: tf.Tensor) -> tf.Tensor:
     return images * 2.0 - 1.0
 
 
+def to_model_input(images: tf.Tensor) -> tf.Tensor:
+    """uint8 RGB at working resolution -> model input in [-1, 1]."""
+    return to_model_range(to_unit_range(images))
+
+
 def full_res_to_model_input(images: tf.Tensor, factor: int = DOWNSAMPLE) -> tf.Tensor:
     """uint8 RGB at full resolution -> model input at working resolution in [-1, 1]."""
     return to_model_range(downsample(images, factor) / 255.0)
 
 
-def pad_to_multiple(images: tf.Tensor, multiple: int = 32, value: float = 1.0) -> tuple[tf.Tensor, tf.Tensor]:
+def pad_to_multiple(images: tf.Tensor, multiple: int = STRIDE, value: float = 1.0) -> tuple[tf.Tensor, tf.Tensor]:
     """Pad [N, H, W, C] at the bottom/right to multiples of ``multiple``; returns (padded, (H, W))."""
     shape = tf.shape(images)
     h, w = shape[1], shape[2]

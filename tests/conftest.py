@@ -1,10 +1,11 @@
 """Shared fixtures: tiny datasets written on the fly (no network, no ../shared needed)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from cellnet.quiet import import_tensorflow  # noqa: E402
+
+import_tensorflow()  # quietly, before any test module imports it
 
 import numpy as np
 import pytest
@@ -16,8 +17,8 @@ REAL = REPO.parent / "shared" / "real"
 def write_layout(root: Path, n_patients: int = 4, per_patient: int = 3, regions: int = 4,
                  seed: int = 0) -> Path:
     """A hand-made BreastPathQ layout: noise patches whose brightness follows the label."""
-    from cellnet.breastpathq import region_file_stem, write_key_xml
-    from cellnet.imageio import write_image
+    from cellnet.data.breastpathq import region_file_stem, write_key_xml
+    from cellnet.data.imageio import write_image
 
     rng = np.random.default_rng(seed)
     rows = {"train": [], "validation": []}
@@ -54,7 +55,7 @@ def tiny_layout(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_prepared(tiny_layout, tmp_path_factory) -> Path:
-    from cellnet.records import prepare
+    from cellnet.data.records import prepare
 
     out = tmp_path_factory.mktemp("prepared") / "records"
     prepare(tiny_layout, out, seed=0, progress=False)
@@ -64,7 +65,7 @@ def tiny_prepared(tiny_layout, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
     """A 3-patient synthetic BreastPathQ set (real-looking cells, ~2 s)."""
-    from cellnet.synth import synthesize
+    from cellnet.data.synth import synthesize
 
     out = tmp_path_factory.mktemp("synth") / "data"
     synthesize(out, patients=4, small=True, seed=1, progress=False)
@@ -73,7 +74,7 @@ def synth_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def synth_prepared(synth_data, tmp_path_factory) -> Path:
-    from cellnet.records import prepare
+    from cellnet.data.records import prepare
 
     out = tmp_path_factory.mktemp("synth_prepared") / "records"
     prepare(synth_data, out, seed=0, val_fraction=0.34, progress=False)
@@ -84,15 +85,16 @@ TINY = dict(preset="cpu", width=0.125, batch_size=4, steps_per_epoch=2, epochs=2
 
 
 def tiny_config(task: str, data: Path, run: Path, **overrides):
-    from cellnet.training import RunConfig
+    from cellnet.training.config import field_names, make_config
 
-    return RunConfig(task=task, data=str(data), run=str(run), **{**TINY, **overrides})
+    values = {**{k: v for k, v in TINY.items() if k in field_names(task)}, **overrides}
+    return make_config(task, data=str(data), run=str(run), **values)
 
 
 @pytest.fixture(scope="session")
 def tiny_seg_run(synth_prepared, tmp_path_factory) -> Path:
     """A trained (2 short epochs) tiny FPN segmentation run, shared by the cascade/GBT tests."""
-    from cellnet.trainers import train_segmentation
+    from cellnet.training.tasks import train_segmentation
 
     run = tmp_path_factory.mktemp("runs") / "seg"
     train_segmentation(tiny_config("segmentation", synth_prepared, run))

@@ -1,7 +1,7 @@
 import numpy as np
 import tensorflow as tf
 
-from cellnet.augment import BatchAugment
+from cellnet.data.augment import BatchAugment
 
 
 def _blocky_batch(n=6, size=64, seed=0):
@@ -56,7 +56,7 @@ def test_runs_inside_tf_function():
 
 def test_rotation_matches_tensorflows_projective_transform():
     """Our XLA-compatible rotation against TF's own ImageProjectiveTransformV3 (same convention)."""
-    from cellnet.augment import _rotate
+    from cellnet.data.augment import _rotate
 
     rng = np.random.default_rng(0)
     smooth = tf.image.resize(tf.constant(rng.uniform(size=(2, 8, 8, 3)), tf.float32), [48, 48])

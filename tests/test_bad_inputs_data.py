@@ -21,8 +21,8 @@ import tensorflow as tf
 import tifffile
 
 from badinput import Case, Setup, check
-from cellnet.breastpathq import write_key_xml
-from cellnet.imageio import read_rgb, write_image
+from cellnet.data.breastpathq import write_key_xml
+from cellnet.data.imageio import read_rgb, write_image
 from conftest import write_layout
 
 SHARD = "cells_train-000-of-001.tfrecord"
@@ -40,7 +40,7 @@ def prepare_argv(data: Path, tmp: Path) -> list[str]:
 
 
 def prepared(tmp: Path) -> Path:
-    from cellnet.records import prepare
+    from cellnet.data.records import prepare
 
     out = tmp / "prepared"
     prepare(layout(tmp), out, progress=False)
@@ -94,8 +94,9 @@ def truncated_shard_met_mid_run(tmp: Path) -> Setup:
 
 def past_the_check(monkeypatch: pytest.MonkeyPatch, tmp: Path) -> None:
     """The shard check is skipped and the 'training' reads every batch: the error surfaces mid-run."""
-    from cellnet import records, trainers
-    from cellnet.data import segmentation_dataset
+    from cellnet.data import records
+    from cellnet.training import tasks as trainers
+    from cellnet.data.pipeline import segmentation_dataset
 
     def read_all(cfg):
         prepared = trainers.ensure_prepared(cfg.data, tmp)
@@ -301,8 +302,8 @@ def test_bad_input(case: Case, tmp_path: Path, capsys, monkeypatch) -> None:
 # ----------------------------------------------------------------------------- what the rows imply
 
 def test_twelve_bit_patch_is_prepared_at_its_real_brightness(tmp_path, capsys):
-    from cellnet.data import patch_records
-    from cellnet.records import prepare
+    from cellnet.data.pipeline import patch_records
+    from cellnet.data.records import prepare
 
     data = layout(tmp_path)
     path = data / "train" / "1000_1.tif"

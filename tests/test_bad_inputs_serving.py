@@ -23,8 +23,8 @@ import tensorflow as tf
 import tifffile
 
 from badinput import Case, Setup, check
-from cellnet.export import export_run
-from cellnet.imageio import write_image
+from cellnet.serving.export import export_run
+from cellnet.data.imageio import write_image
 from cellnet.models import CellSegmenter, DirectCellularity, ResNet34Backbone
 from conftest import calibrate
 
@@ -111,7 +111,7 @@ def disk_full(path: str | os.PathLike | None = None) -> OSError:
 
 def full_csv(monkeypatch: pytest.MonkeyPatch, tmp: Path) -> None:
     """The predictions CSV: the header is written, then the disk is full."""
-    import cellnet.inference
+    import cellnet.serving.predict
 
     real = csv.writer
 
@@ -126,14 +126,14 @@ def full_csv(monkeypatch: pytest.MonkeyPatch, tmp: Path) -> None:
             self.f.write("1001,1,0.5")
             raise disk_full()
 
-    monkeypatch.setattr(cellnet.inference.csv, "writer", Writer)
+    monkeypatch.setattr(cellnet.serving.predict.csv, "writer", Writer)
 
 
 def full_second_overlay(monkeypatch: pytest.MonkeyPatch, tmp: Path) -> None:
     """The first overlay is written, the second half-written when the disk fills."""
-    import cellnet.inference
+    import cellnet.serving.predict
 
-    real = cellnet.inference.write_image
+    real = cellnet.serving.predict.write_image
     calls = []
 
     def write_image(path, rgb):
@@ -143,27 +143,27 @@ def full_second_overlay(monkeypatch: pytest.MonkeyPatch, tmp: Path) -> None:
         Path(path).write_bytes(b"\x89PNG\r\n\x1a\n half")
         raise disk_full(path)
 
-    monkeypatch.setattr(cellnet.inference, "write_image", write_image)
+    monkeypatch.setattr(cellnet.serving.predict, "write_image", write_image)
 
 
 def full_heatmap(monkeypatch: pytest.MonkeyPatch, tmp: Path) -> None:
     """``cellnet slide``: the tile CSV is written, the heatmap (second of three) half-written."""
-    import cellnet.slide
+    import cellnet.serving.slide
 
     def heatmap(thumbnail, dimensions, tiles, scores, name, path, title):
         Path(path).write_bytes(b"\x89PNG\r\n\x1a\n half")
         raise disk_full(path)
 
-    monkeypatch.setattr(cellnet.slide, "heatmap", heatmap)
+    monkeypatch.setattr(cellnet.serving.slide, "heatmap", heatmap)
 
 
 def out_of_memory(monkeypatch: pytest.MonkeyPatch, tmp: Path) -> None:
-    import cellnet.inference
+    import cellnet.serving.predict
 
     def call(self, images):
         raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[16,512,512,64]")
 
-    monkeypatch.setattr(cellnet.inference.ServedModel, "__call__", call)
+    monkeypatch.setattr(cellnet.serving.predict.ServedModel, "__call__", call)
 
 
 def save_fails(error: Callable[[Path], Exception]) -> Callable[[pytest.MonkeyPatch, Path], None]:

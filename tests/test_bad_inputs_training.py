@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from badinput import Case, Setup, check
 from conftest import REPO
-from test_trainers import interrupt_after
+from test_tasks import interrupt_after
 
 TINY_PRESETS = {
     "segmentation": dict(width=0.125, batch_size=4, steps_per_epoch=2, epochs=2, crop=64),
@@ -32,7 +32,7 @@ TINY_PRESETS = {
 
 
 def use_tiny_presets(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cellnet.presets import PRESETS
+    from cellnet.training.presets import PRESETS
 
     for task, values in TINY_PRESETS.items():
         monkeypatch.setitem(PRESETS[task], "cpu", {**PRESETS[task]["cpu"], **values})
@@ -48,7 +48,7 @@ def train_argv(task: str, data: Path, run: Path, *extra: str) -> list[str]:
 
 
 def leftovers(run: Path) -> list[Path]:
-    from cellnet.training import LEFTOVER
+    from cellnet.files import LEFTOVER
 
     return [p for p in run.rglob("*") if LEFTOVER.match(p.name)]
 
@@ -127,11 +127,11 @@ def test_an_unfinished_run_says_how_to_resume_it(name, interrupted, synth_prepar
 
 
 def test_the_resume_command_keeps_the_options_given(tmp_path):
-    from cellnet.presets import preset
-    from cellnet.training import RunConfig, open_run, resume_command
+    from cellnet.training.config import make_config
+    from cellnet.training.runs import open_run, resume_command
 
-    cfg = RunConfig(task="cellularity", data="my data", run=str(tmp_path / "r"), head="classification",
-                    epochs=9, jit=True).resolve(preset("cellularity", "cpu"))
+    cfg = make_config("cellularity", data="my data", run=str(tmp_path / "r"), head="classification",
+                      epochs=9, jit=True).resolve()
     open_run(cfg)
     assert resume_command(tmp_path / "r") == (f"cellnet train cellularity --data 'my data' --run {tmp_path / 'r'} "
                                               "--head classification --epochs 9 --jit")
@@ -270,7 +270,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes(start, path, fault
         if start == "resumed":
             copy_run(interrupted, tmp)
         return Setup(train_argv("segmentation", synth_prepared, run), names=str(run / path),
-                     inputs=[synth_prepared], problem="no space left on device")
+                     inputs=[synth_prepared], problem="cannot write (No space left on device); what was saved before is kept")
 
     check(Case(f"disk full: {path}", build, fault=fault), tmp_path, capsys, monkeypatch)
     assert not leftovers(run)  # the half-written file is gone: its space is free again
@@ -286,9 +286,9 @@ def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes(start, path, fault
 ], ids=["hdf5", "tensorflow"])
 def test_write_failures_of_other_libraries_name_the_file(error, tmp_path):
     from cellnet.errors import CellnetError
-    from cellnet.training import writing
+    from cellnet.files import writing
 
-    with pytest.raises(CellnetError, match=f"^{tmp_path / 'last.keras'}: no space left on device"):
+    with pytest.raises(CellnetError, match=fr"^{tmp_path / 'last.keras'}: cannot write \(No space left on device\)"):
         with writing(tmp_path / "last.keras"):
             raise error
     with pytest.raises(RuntimeError, match="a bug"):  # any other RuntimeError keeps its traceback
@@ -297,7 +297,7 @@ def test_write_failures_of_other_libraries_name_the_file(error, tmp_path):
 
 
 def test_out_of_memory_is_not_a_full_disk(tmp_path):
-    from cellnet.training import writing
+    from cellnet.files import writing
 
     with pytest.raises(tf.errors.ResourceExhaustedError):
         with writing(tmp_path / "last.keras"):
@@ -305,7 +305,7 @@ def test_out_of_memory_is_not_a_full_disk(tmp_path):
 
 
 def test_out_of_memory_while_training_is_one_line(synth_prepared, tmp_path, capsys, monkeypatch):
-    from cellnet.training import AugmentedTrainer
+    from cellnet.training.trainer import AugmentedTrainer
 
     def oom(*args, **kwargs):
         raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[8,64,128,128]")
@@ -339,9 +339,10 @@ def test_a_failed_prepare_leaves_no_run_and_the_corrected_command_works(synth_da
 
 
 def test_a_run_that_never_committed_an_epoch_takes_new_settings(tmp_path):
-    from cellnet.training import RunConfig, check_run, open_run
+    from cellnet.training.config import make_config
+    from cellnet.training.runs import check_run, open_run
 
-    cfg = lambda head: RunConfig(task="cellularity", data="d", run=str(tmp_path / "r"), head=head)  # noqa: E731
+    cfg = lambda head: make_config("cellularity", data="d", run=str(tmp_path / "r"), head=head)  # noqa: E731
     open_run(cfg("regression"))  # then the attempt failed before its first epoch
     assert check_run(cfg("classification")) is False
     run, resuming = open_run(cfg("classification"))

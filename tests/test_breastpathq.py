@@ -6,9 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cellnet.breastpathq import Problems, parse_key_xml, read_breastpathq, write_key_xml
+from cellnet.data.breastpathq import parse_key_xml, read_breastpathq, write_key_xml
+from cellnet.errors import Problems
 from cellnet.errors import CellnetError
-from cellnet.imageio import write_image
+from cellnet.data.imageio import write_image
 
 # SPEC 2.1, written out again here so the table in cellnet.classes is checked, not reused.
 SPEC_DESCRIPTIONS = {

@@ -71,3 +71,37 @@ def test_an_error_inside_a_progress_bar_starts_on_a_new_line(capsys):
     err = capsys.readouterr().err
     bar.close()
     assert "\ncellnet prepare: error: x.tif: unreadable\n" in err
+
+
+def test_help_never_imports_tensorflow():
+    """``--help`` of every command answers from the parser alone (no TensorFlow, no NumPy)."""
+    script = (
+        "import sys\n"
+        "from cellnet.cli import build_parser\n"
+        f"for command in {COMMANDS!r}:\n"
+        "    try:\n"
+        "        build_parser().parse_args([*command, '--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = sorted(m for m in ('tensorflow', 'keras', 'numpy', 'pandas', 'cv2') if m in sys.modules)\n"
+        "print('heavy:', heavy, file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "heavy: []" in result.stderr
+
+
+def test_preset_choices_come_from_the_presets_table(capsys):
+    from cellnet.training.presets import PRESETS
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "segmentation", "--help"])
+    out = capsys.readouterr().out
+    for name in PRESETS["segmentation"]:
+        assert name in out
+
+
+def test_a_flag_of_another_task_is_refused(tmp_path, capsys):
+    code = main(["train", "cellularity", "--data", str(tmp_path), "--run", str(tmp_path / "r"),
+                 "--seg", str(tmp_path / "seg"), "--arch", "xception"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "cellnet train cellularity: error: --arch: does not apply to the cascade task"

@@ -20,8 +20,8 @@ import pytest
 import tensorflow as tf
 
 from cellnet.errors import CellnetError
-from cellnet.export import BYTES_SIGNATURE, IMAGES_SIGNATURE, OUTPUTS, export_run, next_version
-from cellnet.features import FEATURE_NAMES, extract_features
+from cellnet.serving.export import BYTES_SIGNATURE, IMAGES_SIGNATURE, OUTPUTS, export_run, next_version
+from cellnet.models.features import FEATURE_NAMES, extract_features
 from cellnet.models import CellSegmenter, DirectCellularity, ResNet34Backbone, SRCascade, decode_bins_np
 from cellnet.preprocess import pad_to_multiple
 from conftest import calibrate, graph_preprocess
@@ -57,12 +57,13 @@ def patches(rng: np.random.Generator, brightness, size: int) -> np.ndarray:
 
 def gbt_model(segmenter: CellSegmenter):
     """A GBT fitted to the brightness of patches from the segmenter's features (any trees will do)."""
-    from cellnet.gbt import GBTCellularity, train_gbt
+    from cellnet.models.gbt import GBTCellularity
+    from cellnet.training.boosting import fit_booster
 
     brightness = np.linspace(40, 220, 4)
     images = patches(np.random.default_rng(1), brightness, 512)
     features = extract_features(segmenter(graph_preprocess(images))).numpy()
-    booster = train_gbt(features, brightness / 255, rounds=30, learning_rate=0.3)
+    booster = fit_booster(features, brightness / 255, rounds=30, learning_rate=0.3)
     return GBTCellularity(segmenter, booster, name="gbt_cellularity"), booster
 
 

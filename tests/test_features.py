@@ -10,7 +10,7 @@ from scipy import ndimage as ndi
 from skimage.feature import blob_log
 
 from cellnet.errors import CellnetError
-from cellnet.features import FEATURE_NAMES, extract_features, feature_frame
+from cellnet.models.features import FEATURE_NAMES, extract_features, feature_frame
 
 # The paper's numbers (section 3.3), written out here rather than imported.
 AREA_T = (0.02, 0.04, 0.08, 0.16, 0.24, 0.32, 0.5)

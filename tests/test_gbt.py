@@ -10,9 +10,10 @@ import tensorflow as tf
 import xgboost
 
 from cellnet.errors import CellnetError
-from cellnet.features import FEATURE_NAMES
-from cellnet.gbt import (PAPER_PARAMS, GBTEnsemble, feature_importance, load_gbt, save_gbt,
-                         train_gbt)
+from cellnet.models.features import FEATURE_NAMES
+from cellnet.models.gbt import GBTEnsemble
+from cellnet.training.boosting import PAPER_PARAMS, feature_importance, load_gbt, save_gbt
+from cellnet.training.boosting import fit_booster
 
 ROUNDS = 50
 THREADS = 1  # the test machine is shared: XGBoost's threads spin badly under contention
@@ -31,7 +32,7 @@ def synthetic(rng: np.random.Generator, rows: int, missing: float = 0.0):
 def booster() -> xgboost.Booster:
     """Trained with missing values so that learned default directions differ between nodes."""
     x, y = synthetic(np.random.default_rng(0), 400, missing=0.2)
-    return train_gbt(x, y, rounds=ROUNDS, learning_rate=0.1, nthread=THREADS)
+    return fit_booster(x, y, rounds=ROUNDS, learning_rate=0.1, nthread=THREADS)
 
 
 def xgb_predict(booster: xgboost.Booster, x: np.ndarray) -> np.ndarray:
@@ -49,7 +50,7 @@ def test_training_beats_mean_baseline_and_respects_tree_limits():
     rng = np.random.default_rng(1)
     x, y = synthetic(rng, 300)
     x_val, y_val = synthetic(rng, 100)
-    model = train_gbt(x, y, x_val, y_val, seed=3, rounds=ROUNDS, nthread=THREADS)
+    model = fit_booster(x, y, x_val, y_val, seed=3, rounds=ROUNDS, nthread=THREADS)
     assert model.num_boosted_rounds() == ROUNDS
     assert model.feature_names == list(FEATURE_NAMES)
     mse = float(np.mean((xgb_predict(model, x_val) - y_val) ** 2))
@@ -60,17 +61,17 @@ def test_training_beats_mean_baseline_and_respects_tree_limits():
             "model"]["trees"]:
         leaves = sum(child == -1 for child in tree["left_children"])
         assert 2 <= leaves <= 8
-    again = train_gbt(x, y, x_val, y_val, seed=3, rounds=ROUNDS, nthread=THREADS)
+    again = fit_booster(x, y, x_val, y_val, seed=3, rounds=ROUNDS, nthread=THREADS)
     np.testing.assert_array_equal(xgb_predict(again, x_val), xgb_predict(model, x_val))
 
 
 def test_bad_training_input():
     x, y = synthetic(np.random.default_rng(2), 20)
     with pytest.raises(CellnetError, match="y_train"):
-        train_gbt(x, y[:10], rounds=2, nthread=THREADS)
+        fit_booster(x, y[:10], rounds=2, nthread=THREADS)
     y[3] = np.nan
     with pytest.raises(CellnetError, match="y_train"):
-        train_gbt(x, y, rounds=2, nthread=THREADS)
+        fit_booster(x, y, rounds=2, nthread=THREADS)
 
 
 def test_feature_importance(booster):
@@ -129,7 +130,7 @@ def test_ensemble_matches_booster(booster):
 
 def test_ensemble_keeps_base_score():
     x, y = synthetic(np.random.default_rng(6), 100)
-    model = train_gbt(x, y, rounds=3, base_score=0.3, nthread=THREADS)
+    model = fit_booster(x, y, rounds=3, base_score=0.3, nthread=THREADS)
     layer = GBTEnsemble.from_booster(model)
     assert layer.base_score == pytest.approx(0.3)
     np.testing.assert_allclose(layer(x).numpy(), xgb_predict(model, x), atol=1e-6)
@@ -137,7 +138,7 @@ def test_ensemble_keeps_base_score():
 
 def test_ensemble_rejects_other_objectives_and_widths(booster):
     x, y = synthetic(np.random.default_rng(7), 60)
-    classifier = train_gbt(x, (y > 0.4).astype(np.float32), rounds=2, nthread=THREADS,
+    classifier = fit_booster(x, (y > 0.4).astype(np.float32), rounds=2, nthread=THREADS,
                            objective="binary:logistic")
     with pytest.raises(CellnetError, match="objective"):
         GBTEnsemble.from_booster(classifier)

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from cellnet import imageio
+from cellnet.data import imageio
 from cellnet.errors import CellnetError
-from cellnet.imageio import read_rgb, to_rgb8, write_image, write_text
+from cellnet.data.imageio import read_rgb, to_rgb8, write_image
+from cellnet.files import write_text
 
 RNG = np.random.default_rng(7)
 RGB = RNG.integers(0, 256, (40, 56, 3), dtype=np.uint8)

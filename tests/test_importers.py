@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cellnet.breastpathq import read_breastpathq
+from cellnet.data.breastpathq import read_breastpathq
 from cellnet.errors import CellnetError
-from cellnet.imageio import read_rgb, write_image
-from cellnet.importers import FORMATS, describe_formats, import_points, summary_text
+from cellnet.data.imageio import read_rgb, write_image
+from cellnet.data.formats import describe_formats
+from cellnet.data.importers import FORMATS, import_points, summary_text
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
 CHANNEL = {"normal": 0, "lymphocyte": 1, "malignant": 2}  # SPEC 2.3 channel order
@@ -327,7 +328,7 @@ def test_describe_formats_names_every_format_and_stroma():
 
 def test_qupath_default_classes_go_through_the_class_table():
     from cellnet.classes import class_for_description
-    from cellnet.importers import QUPATH_CLASSES
+    from cellnet.data.formats import QUPATH_CLASSES
 
     expected = {"Tumor": "malignant", "Immune cells": "lymphocyte"}  # the rest have no cellnet channel
     for name in QUPATH_CLASSES:

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from cellnet.errors import CellnetError
-from cellnet.losses import (
+from cellnet.training.losses import (
     BinnedCrossentropy,
     CellularityMSE,
     ClassJaccard,

@@ -1,7 +1,7 @@
 import numpy as np
 
 from cellnet.classes import BACKGROUND, CLASSES
-from cellnet.masks import points_to_mask
+from cellnet.data.masks import points_to_mask
 
 
 def test_discs_are_where_the_points_are():

@@ -11,7 +11,7 @@ import pingouin
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
-from cellnet import metrics
+from cellnet.evaluation import metrics
 from cellnet.classes import CLASSES
 from cellnet.errors import CellnetError
 

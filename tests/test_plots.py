@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellnet import plots
+from cellnet.evaluation import plots
 from cellnet.classes import BACKGROUND, LYMPHOCYTE, MALIGNANT, NORMAL
 from cellnet.errors import CellnetError
 

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from cellnet.errors import CellnetError
-from cellnet.records import ensure_prepared, load_manifest, prepare
+from cellnet.data.records import ensure_prepared, load_manifest, prepare
 from conftest import write_layout
 
 
@@ -59,7 +59,7 @@ def test_refuses_to_overwrite(tiny_layout, tiny_prepared):
 
 
 def test_wrong_size_patch_fails_or_is_skipped(tmp_path):
-    from cellnet.imageio import write_image
+    from cellnet.data.imageio import write_image
 
     layout = write_layout(tmp_path / "bpq", n_patients=2, per_patient=2, regions=0)
     write_image(layout / "train" / "1000_1.tif", np.zeros((300, 512, 3), np.uint8))
@@ -80,7 +80,7 @@ def test_truncated_image_is_reported(tmp_path):
 
 
 def test_points_outside_are_dropped_and_counted(tmp_path):
-    from cellnet.breastpathq import write_key_xml
+    from cellnet.data.breastpathq import write_key_xml
 
     layout = write_layout(tmp_path / "bpq", n_patients=2, per_patient=1, regions=2)
     write_key_xml(layout / "cells" / "1_Region 1_key.xml",
@@ -110,7 +110,7 @@ def _copy(folder, tmp_path):
 
 
 def test_shards_are_checked_when_a_prepared_folder_is_opened(tiny_prepared, tmp_path):
-    from cellnet.records import verify_shards
+    from cellnet.data.records import verify_shards
 
     prepared = _copy(tiny_prepared, tmp_path)
     verify_shards(prepared)  # a sound folder passes
@@ -125,7 +125,7 @@ def test_shards_are_checked_when_a_prepared_folder_is_opened(tiny_prepared, tmp_
 
 
 def test_a_damaged_cache_is_prepared_again(tiny_layout, tmp_path, capsys):
-    from cellnet.records import verify_shards
+    from cellnet.data.records import verify_shards
 
     cache = ensure_prepared(tiny_layout, tmp_path, progress=False)
     shard = cache / load_manifest(cache)["splits"]["eval"]["shards"][0]
@@ -138,7 +138,7 @@ def test_a_damaged_cache_is_prepared_again(tiny_layout, tmp_path, capsys):
 
 
 def test_data_error_is_only_for_damaged_records():
-    from cellnet.records import data_error
+    from cellnet.data.records import data_error
 
     loss = tf.errors.DataLossError(None, None, "{{function_node x}} corrupted record at 42\n\t [[{{node y}}]]")
     assert str(data_error(loss, "prep")) == ("prep: a TFRecord shard is truncated or corrupt "

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from cellnet.errors import CellnetError
-from cellnet.report import evaluate
-from cellnet.trainers import train_cellularity
+from cellnet.evaluation.report import evaluate
+from cellnet.training.tasks import train_cellularity
 from conftest import tiny_config
 
 

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from cellnet.errors import CellnetError
-from cellnet.losses import ClassJaccard, SegmentationLoss
+from cellnet.training.losses import ClassJaccard, SegmentationLoss
 from cellnet.models import FPN, BilinearUpSampling2D, CellSegmenter, ResNet34Backbone, Unet
 from conftest import calibrate_batchnorm
 
@@ -22,7 +22,7 @@ RELOAD_SCRIPT = """
 import sys
 import numpy as np
 import keras
-import cellnet.losses, cellnet.models  # registers the cellnet classes
+import cellnet.training.losses, cellnet.models  # registers the cellnet classes
 x = np.load(sys.argv[1])
 for path in sys.argv[2:]:
     model = keras.saving.load_model(path)
@@ -88,7 +88,7 @@ def test_bilinear_upsampling_matches_keras_on_known_shapes():
 def test_unet_is_the_standard_decoder():
     model = Unet(width=TINY, unit="authors")
     # Skips: P4, P3, P2 into the first three blocks, the input image into the last.
-    for block, skip_channels in zip((1, 2, 3), (32, 16, 8)):
+    for block, skip_channels in zip((1, 2, 3), (32, 16, 16)):  # P4, P3, P2 at width 0.125
         concat = model.get_layer(f"unet_block{block}_concat")
         assert concat.input[1].shape[-1] == skip_channels
     assert "unet_block4_concat" not in [layer.name for layer in model.layers]

@@ -12,9 +12,9 @@ import pytest
 import tifffile
 
 from cellnet.errors import CellnetError
-from cellnet.export import export_run
+from cellnet.serving.export import export_run
 from cellnet.models import CellSegmenter, ResNet34Backbone, SRCascade
-from cellnet.slide import Tile, malignant_nuclei, slide_map
+from cellnet.serving.slide import Tile, malignant_nuclei, slide_map
 from conftest import calibrate, graph_preprocess
 
 REAL_SLIDE = Path(__file__).resolve().parents[1].parent / "shared" / "real" / "wsi" / "CMU-1-Small-Region.svs"

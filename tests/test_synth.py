@@ -1,4 +1,4 @@
-"""cellnet.synth: a complete, deterministic BreastPathQ-layout dataset whose labels follow its pixels."""
+"""cellnet.data.synth: a complete, deterministic BreastPathQ-layout dataset whose labels follow its pixels."""
 from __future__ import annotations
 
 import hashlib
@@ -12,10 +12,10 @@ import tifffile
 from scipy.stats import spearmanr
 from skimage.color import rgb2hed
 
-from cellnet.breastpathq import LABEL_FILES, SPLIT_FOLDERS, read_breastpathq
+from cellnet.data.breastpathq import LABEL_FILES, SPLIT_FOLDERS, read_breastpathq
 from cellnet.classes import CELL_CLASSES
 from cellnet.errors import CellnetError
-from cellnet.synth import synthesize
+from cellnet.data.synth import synthesize
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,10 @@
-"""cellnet models: ResNet34-ELU backbone, FPN / U-Net segmenters and cellularity models."""
+"""Stage 2, models: what a network is (how it is run over data lives in the stages after it).
+
+The ResNet34-ELU backbone (``backbone``), the FPN / U-Net decoders (``decoders``) and the
+segmentation task (``segmenter``), the cellularity models (``cellularity``), the 81 map
+features (``features``) and the XGBoost ensemble as TF ops (``gbt``). Importing this package
+registers every custom Keras object these models save.
+"""
 from cellnet.models.backbone import ResNet34Backbone, load_backbone_weights
 from cellnet.models.cellularity import (
     BIN_CENTRES,
@@ -14,6 +20,8 @@ from cellnet.models.decoders import (
     fpn_decoder,
     unet_decoder,
 )
+from cellnet.models.features import FEATURE_NAMES, FeatureExtractor, extract_features
+from cellnet.models.gbt import GBTCellularity, GBTEnsemble
 from cellnet.models.segmenter import FPN, CellSegmenter, Unet
 
 __all__ = [
@@ -23,12 +31,17 @@ __all__ = [
     "NUM_BINS",
     "CellSegmenter",
     "DirectCellularity",
+    "FEATURE_NAMES",
+    "GBTCellularity",
+    "GBTEnsemble",
+    "FeatureExtractor",
     "FreezableSpatialDropout2D",
     "ResNet34Backbone",
     "SRCascade",
     "Unet",
     "decode_bins",
     "decode_bins_np",
+    "extract_features",
     "fpn_decoder",
     "load_backbone_weights",
     "unet_decoder",

@@ -101,6 +101,7 @@ class DirectCellularity(keras.Model):
             (turn into a score and an interval with ``decode_bins``).
         input_shape: image shape; inputs are float images in [-1, 1].
         width: channel multiplier of the resnet34 backbone (other archs ignore it).
+        unit: residual unit of the resnet34 backbone (``"preact"``, ``"authors"``).
         channel_multiple: channel rounding of the resnet34 backbone (see ``scaled_filters``).
         weights: ``None`` (He initialisation) or a LOCAL weights file for the encoder:
             for resnet34 see ``load_backbone_weights``, for resnet50/xception a
@@ -125,6 +126,7 @@ class DirectCellularity(keras.Model):
         input_shape: tuple = (256, 256, 3),
         width: float = 1.0,
         weights: str | None = None,
+        unit: str = "preact",
         channel_multiple: int | None = CHANNEL_MULTIPLE,
         **kwargs,
     ):
@@ -144,7 +146,7 @@ class DirectCellularity(keras.Model):
 
         # === Layers ===
         if arch == "resnet34":
-            self.encoder = ResNet34Backbone(input_channels=input_shape[-1], width=width,
+            self.encoder = ResNet34Backbone(input_channels=input_shape[-1], unit=unit, width=width,
                                             channel_multiple=channel_multiple, name="encoder")
             if weights is not None:
                 load_backbone_weights(self.encoder, weights)
@@ -167,6 +169,7 @@ class DirectCellularity(keras.Model):
         self.head = head
         self.image_shape = input_shape
         self.width = width
+        self.unit = unit
         self.channel_multiple = channel_multiple
 
     def get_config(self) -> dict:
@@ -178,6 +181,7 @@ class DirectCellularity(keras.Model):
             "head": self.head,
             "input_shape": list(self.image_shape),
             "width": self.width,
+            "unit": self.unit,
             "channel_multiple": self.channel_multiple,
         }
 
@@ -202,6 +206,7 @@ class SRCascade(keras.Model):
     Args:
         segmenter: a trained ``CellSegmenter``.
         width: channel multiplier of the regression ResNet34.
+        unit: its residual unit (``"preact"``, ``"authors"``).
         channel_multiple: its channel rounding (see ``scaled_filters``).
         drop_background: feed only normal/lymphocyte/malignant (for a 3-channel encoder,
             e.g. one initialised from ImageNet).
@@ -220,6 +225,7 @@ class SRCascade(keras.Model):
         width: float = 1.0,
         drop_background: bool = False,
         phase: str = "head",
+        unit: str = "preact",
         channel_multiple: int | None = CHANNEL_MULTIPLE,
         **kwargs,
     ):
@@ -229,7 +235,7 @@ class SRCascade(keras.Model):
         # === Layers ===
         self.segmenter = segmenter
         self.select = SelectChannels(channels, name="drop_background") if drop_background else None
-        self.regressor = ResNet34Backbone(input_channels=channels, width=width,
+        self.regressor = ResNet34Backbone(input_channels=channels, unit=unit, width=width,
                                           channel_multiple=channel_multiple, name="regressor")
 
         # === Functional Model ===
@@ -245,6 +251,7 @@ class SRCascade(keras.Model):
         # === Config ===
         self.segmenter_maps = maps
         self.width = width
+        self.unit = unit
         self.channel_multiple = channel_multiple
         self.drop_background = drop_background
         self.set_phase(phase)
@@ -266,6 +273,7 @@ class SRCascade(keras.Model):
             "width": self.width,
             "drop_background": self.drop_background,
             "phase": self.phase,
+            "unit": self.unit,
             "channel_multiple": self.channel_multiple,
         }
 

@@ -1,7 +1,7 @@
 """Runtime options of the training machinery: seeds, XLA."""
 import pandas as pd
 
-from cellnet.trainers import train_segmentation
+from cellnet.training.tasks import train_segmentation
 from conftest import tiny_config
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .classes import BACKGROUND, CLASSES
+from cellnet.classes import BACKGROUND, CLASSES
+from cellnet.preprocess import DOWNSAMPLE
 
 DISC_DIAMETER = 15
-DOWNSAMPLE = 2
 
 
 def points_to_mask(points_xy: np.ndarray, labels: np.ndarray, full_shape: tuple[int, int],

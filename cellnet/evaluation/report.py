@@ -9,17 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import tensorflow as tf
-from tqdm import tqdm
 
-from . import metrics, plots
-from .classes import CELL_CLASSES
-from .data import patch_records, region_records, split_count
-from .errors import bad
-from .imageio import atomic_dir
-from .preprocess import pad_to_multiple, to_model_range
-from .records import ensure_prepared, load_manifest
-from .training import read_run
+from cellnet.evaluation import metrics
+from cellnet.evaluation import plots
+from cellnet.classes import CELL_CLASSES
+from cellnet.data.pipeline import patch_records
+from cellnet.evaluation.engine import predict_patches, segment_regions
+from cellnet.errors import bad
+from cellnet.files import atomic_dir
+from cellnet.data.records import ensure_prepared, load_manifest
+from cellnet.training.runs import read_run
 
 #: The paper's numbers (Tables 1-3), keyed like our rows.
 PAPER_TABLE1 = {("unet", "random"): 0.35, ("fpn", "random"): 0.47, ("unet", "imagenet"): 0.50,
@@ -58,52 +57,6 @@ def init_name(info: dict) -> str:
     return "imagenet" if str(info.get("init", "random")).startswith("imagenet") else "random"
 
 
-# ----------------------------------------------------------------------------- predicting
-
-def predict_patches(model, kind: str, prepared: Path, split: str, batch_size: int = 16,
-                    progress: bool = True) -> pd.DataFrame:
-    """Cellularity of every patch of a split (working-resolution uint8 -> [-1, 1] -> model)."""
-    from .models.cellularity import decode_bins
-
-    @tf.function(reduce_retracing=True)
-    def run(images):
-        out = model(to_model_range(tf.cast(images, tf.float32) / 255.0), training=False)
-        out = tf.cast(out, tf.float32)
-        if kind == "classification":
-            decoded = decode_bins(out)
-            return decoded["cellularity"], decoded["low"], decoded["high"]
-        p = tf.reshape(out, [-1])
-        return p, p, p
-
-    rows = []
-    total = split_count(prepared, split)
-    with tqdm(total=total, desc=f"predict {split}", unit="patch", disable=not progress) as bar:
-        for batch in patch_records(prepared, split, batch_size):
-            p, low, high = (t.numpy() for t in run(batch["image"]))
-            for i in range(len(p)):
-                rows.append({"slide": batch["slide"][i].numpy().decode(), "rid": batch["rid"][i].numpy().decode(),
-                             "patient": batch["patient"][i].numpy().decode(),
-                             "y_true": float(batch["y"][i]), "truth": float(batch["truth"][i]),
-                             "p": float(np.clip(p[i], 0, 1)),
-                             **({"low": float(low[i]), "high": float(high[i])} if kind == "classification" else {})})
-            bar.update(len(p))
-    return pd.DataFrame(rows)
-
-
-def segment_regions(model, prepared: Path, split: str = "cells_val", progress: bool = True):
-    """Whole-region predictions: yields (image uint8 [h,w,3], mask [h,w,4], maps [h,w,4], name)."""
-    @tf.function(reduce_retracing=True)
-    def run(image):
-        x = to_model_range(tf.cast(image[None], tf.float32) / 255.0)
-        padded, size = pad_to_multiple(x, 32, value=1.0)
-        maps = tf.cast(model(padded, training=False), tf.float32)
-        return maps[0, : size[0], : size[1]]
-
-    for ex in tqdm(region_records(prepared, split), total=split_count(prepared, split),
-                   desc=f"segment {split}", unit="region", disable=not progress):
-        yield ex["image"].numpy(), ex["mask"].numpy(), run(ex["image"]).numpy(), ex["name"].numpy().decode()
-
-
 def _log_blobs(malignant: np.ndarray, threshold: float = 0.24) -> np.ndarray:
     from skimage.feature import blob_log
 
@@ -139,7 +92,7 @@ def evaluate(data: str | os.PathLike, runs: list[str], out: str | os.PathLike, s
 
 def _evaluate_into(folder: Path, prepared: Path, infos: dict, split: str, seed: int, n_boot: int,
                    progress: bool) -> dict:
-    from .trainers import load_run_model
+    from cellnet.training.runs import load_run_model
 
     results = {"split": split, "prepared": str(prepared), "segmentation": [], "cellularity": [],
                "created": time.strftime("%Y-%m-%d %H:%M")}
@@ -188,14 +141,9 @@ def _compare(rows: list[dict], y: np.ndarray, train_mean: float, n_boot: int, se
     """Paired bootstrap of MSE differences: best vs the mean baseline and vs the runner-up."""
     ranked = sorted(rows, key=lambda r: r["mse"]["value"])
     best = np.asarray(ranked[0]["p"])
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(y), (n_boot, len(y)))
 
     def diff(other: np.ndarray) -> dict:
-        d = ((best - y) ** 2 - (other - y) ** 2)
-        boots = d[idx].mean(axis=1)
-        lo, hi = np.percentile(boots, [2.5, 97.5])
-        return {"value": float(d.mean()), "low": float(lo), "high": float(hi)}
+        return metrics.mse_difference_ci(y, best, other, n_boot=n_boot, seed=seed).as_dict()
 
     out = {"best": ranked[0]["name"], "best_method": ranked[0]["method"],
            "vs_baseline": diff(np.full_like(y, train_mean))}

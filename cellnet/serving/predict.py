@@ -2,7 +2,7 @@
 
 The SavedModel is the artefact TF Serving loads (``cellnet export``), called through its
 ``serving_default`` signature with full-resolution uint8 RGB, so predictions here equal what a
-server returns. Images are read once at the edge (``cellnet.imageio.read_rgb``), grouped into
+server returns. Images are read once at the edge (``cellnet.data.imageio.read_rgb``), grouped into
 batches of equal size and sent in order.
 
 Outputs never land on an input: ``--out`` must be a ``.csv`` file (an earlier run's CSV is
@@ -18,8 +18,6 @@ import csv
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +27,12 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from .breastpathq import Problems
-from .classes import CELL_CLASSES
-from .errors import CellnetError, bad, warn
-from .export import CELLULARITY_KINDS, IMAGES_SIGNATURE, KINDS, METADATA_FILE, write_failure
-from .imageio import IMAGE_SUFFIXES, atomic_path, read_rgb, write_image
-from .plots import overlay_rgb
+from cellnet.classes import CELL_CLASSES
+from cellnet.errors import CellnetError, Problems, bad, warn
+from cellnet.data.imageio import IMAGE_SUFFIXES, read_rgb, write_image
+from cellnet.files import atomic_path, staged_into, write_failure
+from cellnet.serving.export import CELLULARITY_KINDS, IMAGES_SIGNATURE, KINDS, METADATA_FILE
+from cellnet.evaluation.plots import overlay_rgb
 
 #: BreastPathQ file stems: ``<slide>_<rid>`` (rid numeric), e.g. ``99788_3``.
 SLIDE_RID = re.compile(r"^(?P<slide>.+)_(?P<rid>\d+)$")
@@ -68,7 +66,7 @@ class ServedModel:
         except tf.errors.ResourceExhaustedError:
             raise bad(source, f"out of memory running a batch of {len(images)} through the model; "
                               "try a smaller --batch-size") from None
-        except tf.errors.InvalidArgumentError as exc:  # the in-graph checks (cellnet.export._checked)
+        except tf.errors.InvalidArgumentError as exc:  # the in-graph checks (cellnet.serving.export._checked)
             found = re.search(r"assertion failed: \[([^\]]*)\]", exc.message)
             reason = found[1] if found else exc.message.strip().splitlines()[0]
             raise bad(source, f"refused by the model {self.path} ({reason[:160]})") from None
@@ -260,22 +258,12 @@ def check_outputs(out_csv: Path, overlays: Path | None, inputs: Sequence[Path], 
 
 @contextlib.contextmanager
 def _staged(folder: Path | None) -> Iterator[Path | None]:
-    """A temporary folder beside ``folder`` whose files move into ``folder`` if the block succeeds."""
+    """``files.staged_into`` the overlay folder, or nothing without ``--overlays``."""
     if folder is None:
         yield None
         return
-    final = folder.resolve()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp", dir=final.parent))
-    try:
+    with staged_into(folder) as tmp:
         yield tmp
-        final.mkdir(exist_ok=True)
-        for file in sorted(tmp.iterdir()):
-            if (final / file.name).exists():
-                raise bad(folder / file.name, "appeared while predicting; predict never overwrites an overlay")
-            os.replace(file, final / file.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def predict(model_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_csv: str | os.PathLike,

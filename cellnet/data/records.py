@@ -33,11 +33,12 @@ import pandas as pd
 import tensorflow as tf
 from tqdm import tqdm
 
-from .breastpathq import BreastPathQ, Patch, Problems, Region, check_dataset_folder, read_breastpathq
-from .errors import CellnetError, bad, warn
-from .imageio import atomic_dir, read_rgb
-from .masks import DISC_DIAMETER, points_to_mask
-from .preprocess import DOWNSAMPLE, PATCH_SIZE
+from cellnet.data.breastpathq import BreastPathQ, Patch, Region, check_dataset_folder, read_breastpathq
+from cellnet.errors import CellnetError, Problems, bad, warn
+from cellnet.data.imageio import read_rgb
+from cellnet.files import atomic_dir
+from cellnet.data.masks import DISC_DIAMETER, points_to_mask
+from cellnet.preprocess import DOWNSAMPLE, PATCH_SIZE
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

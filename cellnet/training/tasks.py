@@ -7,15 +7,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from .classes import CELL_CLASSES, CLASSES
-from .data import cellularity_dataset, patch_records, segmentation_dataset, split_count
-from .errors import CellnetError, bad
-from .presets import preset
-from .records import ensure_prepared
-from .imageio import atomic_path
-from .training import (AugmentedTrainer, RunConfig, check_run, configure_runtime, copy_atomic, finish_run, fit,
-                       lr_schedule, open_run, read_run, require_complete, save_model_atomic, timed, write_run,
-                       writing)
+from cellnet.classes import CELL_CLASSES, CLASSES
+from cellnet.data.pipeline import cellularity_dataset, patch_records, segmentation_dataset, split_count
+from cellnet.data.records import ensure_prepared
+from cellnet.errors import CellnetError, bad
+from cellnet.files import atomic_path, writing
+from cellnet.preprocess import WORKING_SIZE, to_model_input
+from cellnet.training.config import CascadeConfig, CellularityConfig, GBTConfig, RunConfig, SegmentationConfig
+from cellnet.training.runs import (RESUMABLE, check_run, copy_atomic, finish_run, load_run_model, open_run,
+                                   read_run, require_complete, save_model_atomic, timed, write_run)
+from cellnet.training.trainer import AugmentedTrainer, configure_runtime, fit, lr_schedule
 
 
 def _open(cfg: RunConfig) -> tuple[Path, Path]:
@@ -48,21 +49,13 @@ def _fit(trainer: AugmentedTrainer, train_ds, val_ds, cfg: RunConfig, run: Path,
         prefix=prefix, preview=preview, verbose=2 if cfg.progress else 0)
 
 
-def load_run_model(run: str | Path, which: str = "best") -> keras.Model:
-    """The trained model of a run folder (``best.keras`` or ``last.keras``)."""
-    path = Path(run) / f"{which}.keras"
-    if not path.is_file():
-        raise bad(run, f"has no {which}.keras (is the run finished? `cellnet train ... --run {run}` resumes it)")
-    return keras.saving.load_model(path, compile=False)
-
-
 # ----------------------------------------------------------------------------- segmentation
 
-def train_segmentation(cfg: RunConfig) -> dict:
-    from .losses import ClassJaccard, SegmentationLoss
-    from .models import CellSegmenter, ResNet34Backbone, load_backbone_weights
+def train_segmentation(cfg: SegmentationConfig) -> dict:
+    from cellnet.training.losses import ClassJaccard, SegmentationLoss
+    from cellnet.models import CellSegmenter, ResNet34Backbone, load_backbone_weights
 
-    cfg.resolve(preset("segmentation", cfg.preset))
+    cfg.resolve()
     if cfg.decoder not in ("fpn", "unet"):
         raise CellnetError(f"--decoder: expected fpn or unet, got {cfg.decoder!r}")
     init_path = cfg.init_path
@@ -101,7 +94,7 @@ def train_segmentation(cfg: RunConfig) -> dict:
 # ----------------------------------------------------------------------------- direct models
 
 def _cellularity_compile(trainer: AugmentedTrainer, head: str, lr, jit: bool) -> None:
-    from .losses import BinnedCrossentropy, CellularityMSE
+    from cellnet.training.losses import BinnedCrossentropy, CellularityMSE
 
     loss = BinnedCrossentropy() if head == "classification" else keras.losses.MeanSquaredError()
     trainer.compile(optimizer=keras.optimizers.Adam(lr), loss=loss,
@@ -119,13 +112,13 @@ def _cellularity_data(cfg: RunConfig, prepared: Path):
     return train_ds, val_ds, steps
 
 
-def train_cellularity(cfg: RunConfig) -> dict:
-    """Direct models (paper 3.4) or, with ``cfg.seg``, the SR cascade (paper 3.2)."""
-    if cfg.seg:
+def train_cellularity(cfg: CellularityConfig | CascadeConfig) -> dict:
+    """Direct models (paper 3.4) or, given a ``CascadeConfig`` (``--seg``), the SR cascade (3.2)."""
+    if isinstance(cfg, CascadeConfig):
         return train_cascade(cfg)
-    from .models import DirectCellularity
+    from cellnet.models import DirectCellularity
 
-    cfg.resolve(preset("cellularity", cfg.preset))
+    cfg.resolve()
     if cfg.arch not in ("resnet34", "resnet50", "xception"):
         raise CellnetError(f"--arch: expected resnet34, resnet50 or xception, got {cfg.arch!r}")
     if cfg.head not in ("regression", "classification"):
@@ -135,11 +128,11 @@ def train_cellularity(cfg: RunConfig) -> dict:
     strategy = configure_runtime(cfg)
     train_ds, val_ds, steps = _cellularity_data(cfg, prepared)
     with strategy.scope():
-        model = DirectCellularity(arch=cfg.arch, head=cfg.head, width=cfg.width, weights=init_path,
-                                  name=f"{cfg.arch}_{cfg.head}")
+        model = DirectCellularity(arch=cfg.arch, head=cfg.head, width=cfg.width, unit=cfg.unit,
+                                  weights=init_path, name=f"{cfg.arch}_{cfg.head}")
         trainer = AugmentedTrainer(model, augment=cfg.augment_on == "device", seed=cfg.seed)
         _cellularity_compile(trainer, cfg.head, lr_schedule(cfg.lr, cfg.lr_final, cfg.epochs * steps), cfg.jit)
-        trainer(tf.zeros([1, 256, 256, 3], tf.uint8))
+        trainer(tf.zeros([1, WORKING_SIZE, WORKING_SIZE, 3], tf.uint8))
     monitor = "val_mse" if val_ds is not None else "mse"
     with timed(run, "train_seconds"):
         _fit(trainer, train_ds, val_ds, cfg, run, cfg.epochs, steps, monitor, "min")
@@ -149,12 +142,13 @@ def train_cellularity(cfg: RunConfig) -> dict:
 
 # ----------------------------------------------------------------------------- SR cascade
 
-def train_cascade(cfg: RunConfig) -> dict:
+def train_cascade(cfg: CascadeConfig) -> dict:
     """Frozen segmenter -> ResNet34 regressor (phase ``head``), then end-to-end (``finetune``)."""
-    from .models import SRCascade
+    from cellnet.models import SRCascade
 
-    cfg.resolve(preset("cascade", cfg.preset))
-    cfg.arch, cfg.head = "resnet34", "regression"
+    cfg.resolve()
+    if not cfg.seg:
+        raise CellnetError("the SR cascade needs --seg RUN (a trained segmentation run)")
     _segmentation_run(cfg.seg)
     init_path = cfg.init_path
     run, prepared = _open(cfg)
@@ -166,17 +160,17 @@ def train_cascade(cfg: RunConfig) -> dict:
         if info.get("head_complete"):
             cascade = load_run_model(run, "head_best")
         else:
-            cascade = SRCascade(load_run_model(cfg.seg), width=cfg.width,
+            cascade = SRCascade(load_run_model(cfg.seg), width=cfg.width, unit=cfg.unit,
                                 drop_background=init_path is not None, name="sr_cascade")
             if init_path:
-                from .models import load_backbone_weights
+                from cellnet.models import load_backbone_weights
                 load_backbone_weights(cascade.regressor, init_path)
         trainer = AugmentedTrainer(cascade, augment=cfg.augment_on == "device", seed=cfg.seed)
     if not info.get("head_complete"):
         with strategy.scope():
             cascade.set_phase("head")
             _cellularity_compile(trainer, "regression", lr_schedule(cfg.lr, cfg.lr_final, cfg.epochs * steps), cfg.jit)
-            trainer(tf.zeros([1, 256, 256, 3], tf.uint8))
+            trainer(tf.zeros([1, WORKING_SIZE, WORKING_SIZE, 3], tf.uint8))
         write_run(run, head_trainable_weights=len(cascade.trainable_weights))
         with timed(run, "head_seconds"):
             _fit(trainer, train_ds, val_ds, cfg, run, cfg.epochs, steps, monitor, "min", prefix="head_")
@@ -187,7 +181,7 @@ def train_cascade(cfg: RunConfig) -> dict:
     with strategy.scope():
         cascade.set_phase("finetune")
         _cellularity_compile(trainer, "regression", cfg.finetune_lr, cfg.jit)
-        trainer(tf.zeros([1, 256, 256, 3], tf.uint8))
+        trainer(tf.zeros([1, WORKING_SIZE, WORKING_SIZE, 3], tf.uint8))
     write_run(run, finetune_trainable_weights=len(cascade.trainable_weights))
     if cfg.finetune_epochs:
         with timed(run, "finetune_seconds"):
@@ -217,12 +211,11 @@ def _best_value(run: Path, prefix: str, monitor: str) -> float:
 
 def segmenter_features(segmenter: keras.Model, prepared: Path, split: str, batch_size: int = 16):
     """81 features (TF ops) of every patch of a split -> (features [N, 81], y [N], ids)."""
-    from .features import extract_features
-    from .preprocess import to_model_range
+    from cellnet.models.features import extract_features
 
     @tf.function(reduce_retracing=True)
     def features(images):
-        maps = segmenter(to_model_range(tf.cast(images, tf.float32) / 255.0), training=False)
+        maps = segmenter(to_model_input(images), training=False)
         return extract_features(tf.cast(maps, tf.float32))
 
     xs, ys, ids = [], [], []
@@ -233,13 +226,13 @@ def segmenter_features(segmenter: keras.Model, prepared: Path, split: str, batch
     return np.concatenate(xs), np.concatenate(ys), ids
 
 
-def train_gbt(cfg: RunConfig) -> dict:
-    from . import plots
-    from .features import FEATURE_NAMES, feature_frame
-    from .gbt import GBTCellularity, feature_importance, save_gbt
-    from .gbt import train_gbt as fit_booster
+def train_gbt(cfg: GBTConfig) -> dict:
+    from cellnet.evaluation import plots
+    from cellnet.models.features import FEATURE_NAMES, feature_frame
+    from cellnet.models.gbt import GBTCellularity
+    from cellnet.training.boosting import dmatrix, feature_importance, fit_booster, save_gbt
 
-    cfg.resolve(preset("gbt", cfg.preset))
+    cfg.resolve()
     if not cfg.seg:
         raise CellnetError("cellnet train gbt needs --seg RUN (a trained segmentation run)")
     seg_info = _segmentation_run(cfg.seg)
@@ -260,29 +253,23 @@ def train_gbt(cfg: RunConfig) -> dict:
         booster = fit_booster(data["train"][0], data["train"][1], x_val, y_val, seed=cfg.seed,
                               rounds=cfg.rounds, learning_rate=cfg.learning_rate,
                               max_depth=cfg.max_depth, max_leaves=cfg.max_leaves)
-    with writing(run / "gbt.json"):
+    with writing(run / "gbt.json", RESUMABLE):
         save_gbt(booster, run / "gbt.json")
     importance = feature_importance(booster)
     _write_csv(importance, run / "feature_importance.csv")
-    with writing(run / "feature_importance.png"):
+    with writing(run / "feature_importance.png", RESUMABLE):
         plots.feature_importance(importance, run / "feature_importance.png")
     model = GBTCellularity(segmenter, booster, name="gbt_cellularity")
     save_model_atomic(model, run / "best.keras")
     copy_atomic(run / "best.keras", run / "last.keras")
     metrics = {}
     if x_val is not None:
-        metrics["val_mse"] = float(np.mean((booster.predict(_dmatrix(x_val)) - y_val) ** 2))
+        metrics["val_mse"] = float(np.mean((booster.predict(dmatrix(x_val)) - y_val) ** 2))
     return finish_run(run, kind="gbt", seg=str(cfg.seg), init=seg_info.get("init", "random"),
                       features=len(FEATURE_NAMES), top_feature=str(importance.iloc[0]["feature"]),
                       prepared=str(prepared), **metrics)
 
 
 def _write_csv(frame, path: Path) -> None:
-    with writing(path), atomic_path(path) as tmp:
+    with writing(path, RESUMABLE), atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
-
-
-def _dmatrix(x):
-    import xgboost as xgb
-    from .features import FEATURE_NAMES
-    return xgb.DMatrix(x, feature_names=list(FEATURE_NAMES))

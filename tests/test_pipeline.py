@@ -1,7 +1,7 @@
 import numpy as np
 import tensorflow as tf
 
-from cellnet.data import cellularity_dataset, patch_records, region_records, segmentation_dataset
+from cellnet.data.pipeline import cellularity_dataset, patch_records, region_records, segmentation_dataset
 
 
 def test_cellularity_batch(tiny_prepared):

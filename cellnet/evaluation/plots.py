@@ -19,6 +19,7 @@ from matplotlib.patches import Circle
 
 from cellnet.classes import LYMPHOCYTE, MALIGNANT, NORMAL
 from cellnet.errors import CellnetError
+from cellnet.files import atomic_path, writing
 
 #: Overlay colour (RGB) of each cell channel, as in the paper's Fig. 3.
 CLASS_COLOURS: dict[int, tuple[int, int, int]] = {
@@ -39,16 +40,11 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _save(figure: Figure, path: str | os.PathLike) -> None:
-    """Write ``figure`` as PNG atomically: to ``<path>.tmp.png``, then renamed over ``path``."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
+    """Write ``figure`` as PNG atomically (``cellnet.files``)."""
     try:
-        figure.savefig(tmp, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
+        with writing(path), atomic_path(path) as tmp:
+            figure.savefig(tmp, format="png", bbox_inches="tight")
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         figure.clear()
 
 

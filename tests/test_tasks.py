@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import cellnet  # noqa: F401
+
 from cellnet.errors import CellnetError
-from cellnet.trainers import train_cascade, train_cellularity, train_gbt, train_segmentation
+from cellnet.training.tasks import train_cascade, train_cellularity, train_gbt, train_segmentation
 from conftest import REPO, tiny_config
 
 
@@ -53,10 +53,10 @@ class StopAfter(keras.callbacks.Callback):
 
 def interrupt_after(monkeypatch: pytest.MonkeyPatch, epochs: int) -> None:
     """Make every training of this test stop with KeyboardInterrupt after ``epochs`` epochs."""
-    from cellnet import training
+    from cellnet.training import trainer
 
-    standard = training.standard_callbacks
-    monkeypatch.setattr(training, "standard_callbacks", lambda *a, **k: [*standard(*a, **k), StopAfter(epochs)])
+    standard = trainer.standard_callbacks
+    monkeypatch.setattr(trainer, "standard_callbacks", lambda *a, **k: [*standard(*a, **k), StopAfter(epochs)])
 
 
 def test_kill_and_resume_continues_at_the_right_epoch(synth_prepared, tmp_path, monkeypatch):
@@ -138,7 +138,7 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 sys.path.insert(0, sys.argv[3])
 from conftest import tiny_config
-from cellnet.trainers import train_segmentation
+from cellnet.training.tasks import train_segmentation
 info = train_segmentation(tiny_config("segmentation", sys.argv[1], sys.argv[2], epochs=1, strategy="mirrored"))
 print("REPLICAS", tf.distribute.MirroredStrategy().num_replicas_in_sync, info["status"])
 """

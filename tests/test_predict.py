@@ -11,11 +11,11 @@ import pytest
 
 from cellnet import cli
 from cellnet.errors import CellnetError
-from cellnet.export import export_run
-from cellnet.imageio import read_rgb, write_image
-from cellnet.inference import predict
+from cellnet.serving.export import export_run
+from cellnet.data.imageio import read_rgb, write_image
+from cellnet.serving.predict import predict
 from cellnet.models import CellSegmenter, DirectCellularity, ResNet34Backbone, decode_bins_np
-from cellnet.plots import overlay_rgb
+from cellnet.evaluation.plots import overlay_rgb
 from conftest import calibrate, graph_preprocess
 
 WIDTH = 0.125

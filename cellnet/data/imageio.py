@@ -10,11 +10,10 @@ in a 16-bit TIFF would otherwise come out nearly black.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 # OpenCV prints its own decoder warnings ("[ WARN:0@...] global grfmt_png.cpp") to stderr;
 # cellnet reports unreadable files itself, in one line that names them.
@@ -24,7 +23,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import tifffile  # noqa: E402
 
-from .errors import bad, warn
+from cellnet.errors import bad, warn
+from cellnet.files import atomic_path
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 #: Leading bytes of each format read here (what a file holds), and the format each suffix names.
@@ -149,39 +149,6 @@ def read_rgb(path: str | os.PathLike, note: Note | None = None) -> np.ndarray:
     return to_rgb8(array, path, bits)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling path; rename it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling folder; it becomes ``path`` (empty or absent) only on success."""
-    import shutil
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            path.rmdir()
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def write_image(path: str | os.PathLike, rgb: np.ndarray) -> None:
     """Write uint8 RGB as TIFF (.tif/.tiff, deflate) or PNG/JPEG (via OpenCV), atomically."""
     path = Path(path)
@@ -191,9 +158,3 @@ def write_image(path: str | os.PathLike, rgb: np.ndarray) -> None:
             tifffile.imwrite(tmp, rgb, photometric="rgb", compression="zlib")
         elif not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
             raise bad(path, "could not write image")
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)

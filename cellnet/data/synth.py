@@ -31,14 +31,15 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .breastpathq import LABEL_FILES, SPLIT_FOLDERS, region_file_stem, write_key_xml
-from .classes import BACKGROUND, CELL_CLASSES, LYMPHOCYTE, MALIGNANT, NORMAL
-from .errors import CellnetError, bad
-from .imageio import atomic_dir, read_rgb, write_image, write_text
+from cellnet.data.breastpathq import LABEL_FILES, SPLIT_FOLDERS, region_file_stem, write_key_xml
+from cellnet.classes import BACKGROUND, CELL_CLASSES, LYMPHOCYTE, MALIGNANT, NORMAL
+from cellnet.errors import CellnetError, bad
+from cellnet.data.imageio import read_rgb, write_image
+from cellnet.files import atomic_dir, write_text
+from cellnet.preprocess import PATCH_SIZE
 
 GENERATOR_VERSION = "1.0"
 README_MARKER = "cellnet synthetic BreastPathQ dataset"
-PATCH_SIZE = 512
 SCORE_STEP = 0.05
 RATER_SD = 0.05
 
@@ -671,7 +672,7 @@ def _check_free(out: Path) -> None:
 
 def _readme(seed: int, patients: int, small: bool) -> str:
     return f"""{README_MARKER}
-generator: cellnet.synth version {GENERATOR_VERSION}; seed {seed}; patients {patients}; small {small}
+generator: cellnet.data.synth version {GENERATOR_VERSION}; seed {seed}; patients {patients}; small {small}
 
 SYNTHETIC DATA: every image here is painted procedurally (no real tissue, no patient data).
 Layout of the BreastPathQ challenge (SPEC 2.1):

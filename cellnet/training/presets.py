@@ -9,7 +9,7 @@ trains every method on the synthetic demo set in minutes on two CPU cores.
 """
 from __future__ import annotations
 
-from .errors import CellnetError
+from cellnet.errors import CellnetError
 
 PRESETS: dict[str, dict[str, dict]] = {
     "segmentation": {

@@ -38,13 +38,12 @@ from matplotlib.figure import Figure
 from scipy import ndimage
 from tqdm import tqdm
 
-from .classes import MALIGNANT
-from .errors import CellnetError, bad
-from .export import write_failure
-from .imageio import atomic_path
-from .inference import MASK_THRESHOLD, ServedModel, load_served
-from .plots import CLASS_COLOURS
-from .preprocess import PATCH_SIZE
+from cellnet.classes import MALIGNANT
+from cellnet.errors import CellnetError, bad
+from cellnet.files import atomic_path, write_failure
+from cellnet.serving.predict import MASK_THRESHOLD, ServedModel, load_served
+from cellnet.evaluation.plots import CLASS_COLOURS
+from cellnet.preprocess import PATCH_SIZE
 
 #: Microns per pixel of the training patches (BreastPathQ and BRCA-M2C are 20x).
 TRAINING_MPP = 0.5

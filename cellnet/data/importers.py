@@ -1,6 +1,6 @@
 """``cellnet import``: point annotations from other tools into the BreastPathQ cells layout (SPEC 2.2).
 
-Every format becomes the same files, so one reader (:func:`cellnet.breastpathq.read_breastpathq`)
+Every format becomes the same files, so one reader (:func:`cellnet.data.breastpathq.read_breastpathq`)
 serves all of them:
 
 ```
@@ -10,7 +10,7 @@ serves all of them:
 <out>/mapping.csv                        case,region,source_image: where each region came from
 ```
 The case id is the source image's name made file-safe, so it is stable whatever else is
-imported alongside it. Bad input follows SPEC 7 through :class:`cellnet.breastpathq.Problems`:
+imported alongside it. Bad input follows SPEC 7 through :class:`cellnet.errors.Problems`:
 bad files raise a one-line error (``on_bad="fail"``) or are skipped and listed (``"skip"``);
 points that cellnet cannot use (stromal, unknown classes, outside the image in skip mode) are
 skipped and counted by reason. Files are written to a staging folder first and moved into
@@ -25,22 +25,20 @@ import json
 import math
 import os
 import re
-import shutil
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 import numpy as np
 
-from .breastpathq import (REGION_RE, Problems, images_by_stem, read_regions, region_file_stem,
+from cellnet.data.breastpathq import (REGION_RE, images_by_stem, read_regions, region_file_stem,
                           write_key_xml)
-from .classes import (BREASTPATHQ_DESCRIPTIONS, BRCA_M2C_CODES, CELL_CLASSES, CLASSES, NAME_TO_CLASS,
-                      class_for_description)
-from .errors import CellnetError, bad
-from .imageio import IMAGE_SUFFIXES, read_rgb, write_image, write_text
+from cellnet.classes import BRCA_M2C_CODES, CELL_CLASSES, CLASSES, NAME_TO_CLASS, class_for_description
+from cellnet.errors import CellnetError, Problems, bad
+from cellnet.data.formats import BRCA_LABEL_SUFFIX
+from cellnet.data.imageio import IMAGE_SUFFIXES, read_rgb, write_image
+from cellnet.files import staged_into, write_text
 
 FORMATS: tuple[str, ...] = ("breastpathq", "brca-m2c", "geojson", "csv")
-BRCA_LABEL_SUFFIX = "_gt_class_coords.txt"
 BRCA_SPLIT_LISTS = {"train": "brca_ds_train.txt", "val": "brca_ds_val.txt"}
 GEOJSON_SUFFIXES = (".geojson", ".json")
 CSV_COLUMNS = ("image", "x", "y", "class")
@@ -48,10 +46,6 @@ CSV_COLUMNS = ("image", "x", "y", "class")
 REGION_OBJECT_TYPES = {"annotation", "tile", "tma_core", "root", "pathannotationobject",
                        "pathtileobject", "tmacoreobject", "pathrootobject"}
 OUTSIDE = "outside the image"
-#: QuPath's default classes, all in the class table (shown by ``cellnet import --help``).
-QUPATH_CLASSES = ("Tumor", "Immune cells", "Stroma", "Necrosis", "Other", "Region*", "Ignore*", "Positive",
-                  "Negative")
-
 
 @dataclass
 class Source:
@@ -100,9 +94,7 @@ def import_points(fmt: str, src: str | os.PathLike, out: str | os.PathLike, on_b
         if target.exists():
             raise bad(target, "already exists; import never overwrites (choose a new --out)")
 
-    fresh_out = not out.exists()
-    staging = out / f".import-{os.getpid()}"
-    try:
+    with staged_into(out) as staging:  # a failed import leaves no trace
         written = [s for s in sources if _write_region(s, staging / "cells", problems)]
         if not written:
             raise _nothing_to_import(src, fmt, problems)
@@ -111,14 +103,6 @@ def import_points(fmt: str, src: str | os.PathLike, out: str | os.PathLike, on_b
         if splits:
             write_text(staging / "cells" / "split.csv", _csv_text(
                 ("name", "split"), [(s.stem, s.split) for s in written if s.split]))
-        for path in sorted(p for p in staging.rglob("*") if p.is_file()):
-            target = out / path.relative_to(staging)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if fresh_out and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # a failed import into a new folder leaves no trace
 
     labels = np.concatenate([s.labels for s in written])
     problems.emit_warnings(counted="skipped {n} point(s): {key}")
@@ -145,56 +129,6 @@ def summary_text(summary: dict) -> str:
         if len(items) > 20:
             lines.append(f"  ... and {len(items) - 20} more")
     return "\n".join(lines)
-
-
-def describe_formats() -> str:
-    """What each ``--format`` expects: the epilog of ``cellnet import --help`` (keep its line breaks)."""
-    def item(name: str, text: str) -> str:
-        filled = textwrap.fill(text, 90, initial_indent=f"  {name:<12} ", subsequent_indent=" " * 15)
-        return filled.replace("\xa0", " ")  # no-break spaces keep 'DCIS 3' on one line
-
-    def names(cls: str | None) -> str:
-        return ", ".join(n for n, c in NAME_TO_CLASS.items() if c == cls)
-
-    return "\n".join([
-        "formats (what --src is):",
-        item("breastpathq", "a BreastPathQ folder: its cells/<N>_Region <M>_crop.tif and _key.xml "
-                            "are checked and copied (with cells/split.csv, if there is one)."),
-        item("brca-m2c", f"a BRCA-M2C root: images/<stem>.png and labels/<stem>{BRCA_LABEL_SUFFIX} "
-                         "with rows '<y> <x> <class>': 1 lymphocyte, 2 tumour (-> malignant), "
-                         "3 stromal (skipped and counted: cellnet has no stromal channel, so stroma "
-                         "is background in the masks). brca_ds_train.txt and brca_ds_val.txt, if "
-                         "present, become cells/split.csv."),
-        item("geojson", "a folder of QuPath GeoJSON exports, <stem>.geojson (or .json, or "
-                        "<stem>.<ext>.geojson) next to <stem>.png|.tif|.jpg: Point and MultiPoint "
-                        "objects, and cell or detection polygons (their centroid; the nucleus's "
-                        "when exported). Class from properties.classification.name, else "
-                        "properties.name. Region annotations (polygons) are skipped and counted."),
-        item("csv", "one CSV file with columns image,x,y,class, one point a row; image paths "
-                    "relative to the CSV's folder."),
-        "class names (geojson, csv; case-insensitive):",
-        item("malignant", names("malignant")),
-        item("normal", names("normal")),
-        item("lymphocyte", names("lymphocyte")),
-        item("skipped", f"{names(None)} and unknown names (counted in the summary)"),
-        item("QuPath", "its default classes: " + qupath_classes()
-             + "; a derived class (Tumor: Positive) counts as its base class"),
-        item("also", "the BreastPathQ key-XML descriptions ("
-                     + ", ".join(d.replace(" ", "\xa0") for d in BREASTPATHQ_DESCRIPTIONS) + ")"),
-        textwrap.fill("x, y are full-resolution pixel coordinates (x = column). A point outside "
-                      "its image stops the import, or is skipped and counted with --on-bad skip. "
-                      "Writes OUT/cells/<case>_Region <M>_crop.tif + _key.xml (the BreastPathQ "
-                      "cells layout) and OUT/mapping.csv (case,region,source_image); existing files "
-                      "are never overwritten.", 92),
-    ])
-
-
-def qupath_classes() -> str:
-    """``Tumor -> malignant; ...``: where QuPath's default classes go, grouped by class."""
-    groups: dict[str, list[str]] = {}
-    for name in QUPATH_CLASSES:
-        groups.setdefault(class_for_description(name) or "skipped", []).append(name)
-    return "; ".join(f"{', '.join(names)} -> {cls}" for cls, names in groups.items())
 
 
 # ----------------------------------------------------------------------------- writing

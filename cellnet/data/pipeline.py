@@ -13,10 +13,10 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from .augment import BatchAugment
-from .errors import bad
-from .preprocess import DOWNSAMPLE, WORKING_SIZE, downsample
-from .records import load_manifest
+from cellnet.data.augment import BatchAugment
+from cellnet.errors import bad
+from cellnet.preprocess import DOWNSAMPLE, WORKING_SIZE, downsample, to_unit_range
+from cellnet.data.records import load_manifest
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -81,10 +81,10 @@ def _finish(ds: tf.data.Dataset, batch_size: int, training: bool, augment_on: st
     if training and augment_on == "cpu":
         augment = BatchAugment(seed=seed)
         if with_mask:
-            ds = ds.map(lambda x, m: augment(tf.cast(x, tf.float32) / 255.0, m, training=True),
+            ds = ds.map(lambda x, m: augment(to_unit_range(x), m, training=True),
                         num_parallel_calls=AUTOTUNE)
         else:
-            ds = ds.map(lambda x, y: (augment(tf.cast(x, tf.float32) / 255.0, training=True), y),
+            ds = ds.map(lambda x, y: (augment(to_unit_range(x), training=True), y),
                         num_parallel_calls=AUTOTUNE)
     elif augment_on not in ("cpu", "device"):
         raise ValueError(f"augment_on must be 'cpu' or 'device', got {augment_on!r}")

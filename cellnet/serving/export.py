@@ -26,20 +26,18 @@ outputs, patch size), so ``cellnet predict`` and ``cellnet slide`` know what the
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
-import re
-import shutil
 import time
 from pathlib import Path
 
 import keras
 import tensorflow as tf
 
-from .errors import CellnetError, bad
-from .models import decode_bins
-from .preprocess import DOWNSAMPLE, PATCH_SIZE, full_res_to_model_input, pad_to_multiple
+from cellnet.errors import CellnetError, bad
+from cellnet.files import atomic_dir, writing
+from cellnet.models import decode_bins
+from cellnet.preprocess import DOWNSAMPLE, PATCH_SIZE, full_res_to_model_input, pad_to_multiple
 
 KINDS: tuple[str, ...] = ("segmentation", "regression", "classification", "cascade", "gbt")
 #: Kinds that output a cellularity score (and need patches of the training size).
@@ -54,8 +52,6 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
 IMAGES_SIGNATURE = "serving_default"
 BYTES_SIGNATURE = "serving_bytes"
 METADATA_FILE = "cellnet.json"
-#: Segmenters need working-resolution sizes that are multiples of the encoder's total stride.
-SEGMENTER_MULTIPLE = 32
 
 IMAGES_SPEC = tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")
 BYTES_SPEC = tf.TensorSpec([None], tf.string, name="image_bytes")
@@ -129,7 +125,7 @@ def serving_fn(model: keras.Model, kind: str) -> tf.types.experimental.GenericFu
         images = _checked(images, kind, patch)
         x = full_res_to_model_input(images)
         if kind == "segmentation":
-            x, size = pad_to_multiple(x, SEGMENTER_MULTIPLE)
+            x, size = pad_to_multiple(x)
         raw = {k: tf.cast(v, tf.float32) for k, v in heads(x, training=False).items()}
         if kind == "segmentation":
             return {"masks": raw["masks"][:, :size[0], :size[1], :]}
@@ -176,35 +172,15 @@ def bytes_fn(serve: tf.types.experimental.GenericFunction) -> tf.types.experimen
 # ----------------------------------------------------------------------------- export
 
 def _load(run: Path, kind: str) -> keras.Model:
-    from .trainers import load_run_model
+    from cellnet.training.runs import load_run_model
 
     try:
-        return load_run_model(run)  # `import cellnet` has registered every custom class
+        return load_run_model(run)
     except CellnetError:
         raise
     except Exception as exc:  # a damaged best.keras is the run's file problem, reported in one line
         raise bad(run / "best.keras", f"damaged or not a Keras model file ({type(exc).__name__}); "
                                       "resume or retrain the run") from None
-
-
-#: What a full disk or a refused write raises: OSError from Python, these from TensorFlow's writers.
-WRITE_ERRORS = (OSError, tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError)
-
-
-def write_failure(path: str | os.PathLike, exc: Exception) -> CellnetError:
-    """A write the environment refused (disk full, permissions) as one line naming ``path``.
-
-    ``path`` is the output the user asked for: the error itself names a temporary file.
-    """
-    if isinstance(exc, OSError):
-        reason = exc.strerror or str(exc)
-    elif isinstance(exc, tf.errors.OpError):  # "... <temporary file>; No space left on device [Op:...]"
-        reason = re.sub(r"\s*\[Op:\w+\]$", "", exc.message.strip().splitlines()[-1]).rsplit("; ", 1)[-1]
-    else:  # a CellnetError "<temporary file>: <problem>"
-        reason = str(exc).rsplit(": ", 1)[-1]
-    full = isinstance(exc, tf.errors.ResourceExhaustedError) or getattr(exc, "errno", None) == errno.ENOSPC
-    hint = "; free space and run the same command again" if full else ""
-    return bad(path, f"cannot write ({reason[:100]}); nothing was written{hint}")
 
 
 def export_model(model: keras.Model, kind: str, path: str | os.PathLike, metadata: dict) -> Path:
@@ -227,20 +203,11 @@ def export_model(model: keras.Model, kind: str, path: str | os.PathLike, metadat
             "keras": keras.__version__, **metadata}
     signatures = {IMAGES_SIGNATURE: serve.get_concrete_function(),
                   BYTES_SIGNATURE: bytes_fn(serve).get_concrete_function()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    # disk full: one line naming the version folder; no version folder, no temporary left
+    with writing(path), atomic_dir(path) as tmp:
         tf.saved_model.save(module, str(tmp), signatures=signatures)
         (tmp / "assets").mkdir(exist_ok=True)
         (tmp / "assets" / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        if path.exists():
-            raise bad(path, "appeared while exporting; an export never overwrites a version")
-        os.replace(tmp, path)
-    except WRITE_ERRORS as exc:  # disk full: no version folder, no temporary one left behind
-        raise write_failure(path, exc) from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -250,7 +217,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, version: int | No
     ``out`` is ``saved_models/<name>``; ``version`` defaults to the next free number (from 1) and
     an existing version is refused, never overwritten.
     """
-    from .training import require_complete
+    from cellnet.training.runs import require_complete
 
     run, out = Path(run), Path(out)
     info = require_complete(run, "be exported")

@@ -1,0 +1,60 @@
+"""The evaluation engine: a trained Keras model applied over a prepared split.
+
+Patches and regions come from the TFRecords at working resolution (uint8) and go through the
+shared pixel path (``cellnet.preprocess``), as in the training step and the exported graph.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from tqdm import tqdm
+
+from cellnet.data.pipeline import patch_records, region_records, split_count
+from cellnet.preprocess import pad_to_multiple, to_model_input
+
+
+def predict_patches(model, kind: str, prepared: Path, split: str, batch_size: int = 16,
+                    progress: bool = True) -> pd.DataFrame:
+    """Cellularity of every patch of a split (working-resolution uint8 -> [-1, 1] -> model)."""
+    from cellnet.models.cellularity import decode_bins
+
+    @tf.function(reduce_retracing=True)
+    def run(images):
+        out = model(to_model_input(images), training=False)
+        out = tf.cast(out, tf.float32)
+        if kind == "classification":
+            decoded = decode_bins(out)
+            return decoded["cellularity"], decoded["low"], decoded["high"]
+        p = tf.reshape(out, [-1])
+        return p, p, p
+
+    rows = []
+    total = split_count(prepared, split)
+    with tqdm(total=total, desc=f"predict {split}", unit="patch", disable=not progress) as bar:
+        for batch in patch_records(prepared, split, batch_size):
+            p, low, high = (t.numpy() for t in run(batch["image"]))
+            for i in range(len(p)):
+                rows.append({"slide": batch["slide"][i].numpy().decode(), "rid": batch["rid"][i].numpy().decode(),
+                             "patient": batch["patient"][i].numpy().decode(),
+                             "y_true": float(batch["y"][i]), "truth": float(batch["truth"][i]),
+                             "p": float(np.clip(p[i], 0, 1)),
+                             **({"low": float(low[i]), "high": float(high[i])} if kind == "classification" else {})})
+            bar.update(len(p))
+    return pd.DataFrame(rows)
+
+
+def segment_regions(model, prepared: Path, split: str = "cells_val", progress: bool = True):
+    """Whole-region predictions: yields (image uint8 [h,w,3], mask [h,w,4], maps [h,w,4], name)."""
+    @tf.function(reduce_retracing=True)
+    def run(image):
+        x = to_model_input(image[None])
+        padded, size = pad_to_multiple(x, value=1.0)
+        maps = tf.cast(model(padded, training=False), tf.float32)
+        return maps[0, : size[0], : size[1]]
+
+    for ex in tqdm(region_records(prepared, split), total=split_count(prepared, split),
+                   desc=f"segment {split}", unit="region", disable=not progress):
+        yield ex["image"].numpy(), ex["mask"].numpy(), run(ex["image"]).numpy(), ex["name"].numpy().decode()

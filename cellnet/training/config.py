@@ -1,0 +1,153 @@
+"""A training run's configuration: every value that defines it, saved resolved as ``config.json``.
+
+Each task has its own configuration holding only its own fields (``SegmentationConfig``,
+``CellularityConfig``, ``CascadeConfig``, ``GBTConfig``) on top of what every run has
+(``RunConfig``). The command line fills what the user gave; ``resolve`` fills the rest from the
+task's preset (``cellnet.training.presets``: data, not code) and refuses values no run can use.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from cellnet.errors import CellnetError, bad
+from cellnet.training.presets import preset
+
+#: Config fields that must be positive (counts, rates, sizes).
+POSITIVE = ("epochs", "batch_size", "steps_per_epoch", "lr", "lr_final", "finetune_lr", "width",
+            "crop", "rounds", "learning_rate", "max_depth", "max_leaves")
+#: Config fields set by a ``cellnet train`` option, in the order a resume command lists them.
+FLAGS = {"preset": "--preset", "decoder": "--decoder", "arch": "--arch", "head": "--head", "seg": "--seg",
+         "epochs": "--epochs", "batch_size": "--batch-size", "seed": "--seed", "init": "--init",
+         "strategy": "--strategy", "precision": "--precision", "jit": "--jit",
+         "augment_on": "--augment-on", "on_bad": "--on-bad"}
+#: Keys an interrupted run must keep: resuming with others would continue another model.
+def _flag(name: str) -> str:
+    return FLAGS.get(name, name)
+
+
+@dataclass
+class RunConfig:
+    """What every training run has: data, run folder, preset, and how it runs."""
+
+    data: str
+    run: str
+    preset: str = "cpu"
+    batch_size: int | None = None
+    seed: int = 0
+    init: str = "random"
+    strategy: str = "default"
+    precision: str = "float32"
+    jit: bool = False
+    augment_on: str = "device"
+    on_bad: str = "fail"
+    progress: bool = True
+    task: str = ""
+
+    def resolve(self) -> "RunConfig":
+        """Fill every unset field from the task's preset, then refuse values no run can use."""
+        for key, value in preset(self.task, self.preset).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        self.validate()
+        return self
+
+    def validate(self) -> None:
+        """Counts and rates must be positive (``--epochs 0`` would "complete" with no model)."""
+        for name in POSITIVE:
+            value = getattr(self, name, None)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise CellnetError(f"{_flag(name)}: must be a positive number, got {value}")
+        for name in ("finetune_epochs", "seed"):
+            value = getattr(self, name, None)
+            if value is not None and value < 0:
+                raise CellnetError(f"{_flag(name)}: must be 0 or more, got {value}")
+
+    @property
+    def init_path(self) -> str | None:
+        if self.init == "random":
+            return None
+        if self.init.startswith("imagenet:"):
+            path = Path(self.init.split(":", 1)[1])
+            if not path.is_file():
+                raise bad(path, "ImageNet weights file not found (--init imagenet:PATH needs a local "
+                                "weights file; cellnet never downloads; see README 'ImageNet initialisation')")
+            return str(path)
+        raise CellnetError(f"--init: expected 'random' or 'imagenet:PATH', got {self.init!r}")
+
+
+@dataclass
+class NetworkConfig(RunConfig):
+    """What every neural network's run has on top: its schedule and its ResNet34's shape."""
+
+    epochs: int | None = None
+    steps_per_epoch: int | None = None
+    lr: float | None = None
+    lr_final: float | None = None
+    width: float | None = None
+    unit: str | None = None
+
+
+@dataclass
+class SegmentationConfig(NetworkConfig):
+    """``cellnet train segmentation``: ResNet34-ELU encoder + FPN or U-Net decoder."""
+
+    task: str = "segmentation"
+    decoder: str = "fpn"
+    crop: int | None = None
+
+
+@dataclass
+class CellularityConfig(NetworkConfig):
+    """``cellnet train cellularity``: a direct model (ResNet34 / ResNet50 / Xception)."""
+
+    task: str = "cellularity"
+    arch: str = "resnet34"
+    head: str = "regression"
+    target: str = "y"
+
+
+@dataclass
+class CascadeConfig(NetworkConfig):
+    """``cellnet train cellularity --seg RUN``: the SR cascade on a trained segmenter."""
+
+    task: str = "cascade"
+    seg: str | None = None
+    finetune_epochs: int | None = None
+    finetune_lr: float | None = None
+    target: str = "y"
+
+
+@dataclass
+class GBTConfig(RunConfig):
+    """``cellnet train gbt --seg RUN``: XGBoost on 81 features of the segmenter's maps."""
+
+    task: str = "gbt"
+    seg: str | None = None
+    rounds: int | None = None
+    learning_rate: float | None = None
+    max_depth: int | None = None
+    max_leaves: int | None = None
+
+
+CONFIGS: dict[str, type[RunConfig]] = {"segmentation": SegmentationConfig, "cellularity": CellularityConfig,
+                                       "cascade": CascadeConfig, "gbt": GBTConfig}
+
+
+def field_names(task: str) -> set[str]:
+    return {f.name for f in fields(CONFIGS[task])}
+
+
+def make_config(task: str, **values) -> RunConfig:
+    """The configuration of ``task`` from ``values``; one that does not apply is refused.
+
+    ``None`` means "not given" (the preset decides), so it never counts as not applying.
+    """
+    if task not in CONFIGS:
+        raise CellnetError(f"unknown training task {task!r} (expected one of {', '.join(CONFIGS)})")
+    names = field_names(task)
+    wrong = sorted(k for k, v in values.items() if k not in names and v is not None)
+    if wrong:
+        raise CellnetError(f"{_flag(wrong[0])}: does not apply to the {task} task")
+    return CONFIGS[task](**{k: v for k, v in values.items() if k in names and k != "task" and v is not None})
