@@ -9,6 +9,7 @@ every input file is byte-for-byte unchanged.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,6 +35,7 @@ class Case:
     code: int = 2                      # 2: refused with an error; 0: went on with a warning
     level: str = "error"               # "error" or "warning"
     fault: Callable[[pytest.MonkeyPatch, Path], None] | None = None   # inject a fault (disk full, ...)
+    clean: bool = True                 # refused: leaves no file behind (an interrupted run keeps its folder)
 
     def __str__(self) -> str:
         return self.id
@@ -48,6 +50,14 @@ def checksums(paths: list[Path]) -> dict[str, str]:
     return sums
 
 
+def files_under(root: Path) -> set[str]:
+    """Every file and folder under ``root`` (links are not followed)."""
+    found = set()
+    for folder, dirs, files in os.walk(root):
+        found |= {os.path.relpath(os.path.join(folder, name), root) for name in dirs + files}
+    return found
+
+
 def check(case: Case, tmp: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run one row; returns the reported line (for extra assertions)."""
     from cellnet.cli import main
@@ -55,6 +65,7 @@ def check(case: Case, tmp: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> str
     setup = case.build(tmp)
     capsys.readouterr()
     before = checksums(setup.inputs)
+    existing = files_under(tmp)
     with monkeypatch.context() as patched:
         if case.fault is not None:
             case.fault(patched, tmp)
@@ -72,4 +83,8 @@ def check(case: Case, tmp: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> str
         assert len([l for l in err.splitlines() if l.strip()]) == 1, f"more than one line: {err!r}"
     assert setup.summary in out, f"{setup.summary!r} not in the summary {out!r}"
     assert checksums(setup.inputs) == before, "an input file changed"
+    assert ".tmp" not in line, f"names a temporary file: {line!r}"
+    if case.code != 0 and case.clean:  # refused: no file written, no temporary left behind
+        left = sorted(files_under(tmp) - existing)
+        assert all((tmp / p).is_dir() and ".tmp" not in p for p in left), f"left behind: {left}"
     return line

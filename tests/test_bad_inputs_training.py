@@ -120,7 +120,7 @@ def test_an_unfinished_run_says_how_to_resume_it(name, interrupted, synth_prepar
         return Setup(UNFINISHED[name](run, tmp, synth_prepared), names=str(run), inputs=[run],
                      problem="run is not finished (epoch 1 of 2)")
 
-    line = check(Case(name, build), tmp_path, capsys, monkeypatch)
+    line = check(Case(name, build, clean=False), tmp_path, capsys, monkeypatch)
     run = tmp_path / "runs" / "seg"
     assert line.endswith(f"resume with `cellnet train segmentation --data {synth_prepared} --run {run}`"), line
     assert not (tmp_path / "out").exists()
@@ -153,7 +153,7 @@ def test_resume_ignores_a_torn_backup_write_and_history(interrupted, synth_prepa
         return Setup(train_argv("segmentation", synth_prepared, run), names=str(torn["file"]),
                      inputs=[synth_prepared], problem="incomplete file left by an interrupted write")
 
-    check(Case("torn backup", build, code=0, level="warning"), tmp_path, capsys, monkeypatch)
+    check(Case("torn backup", build, code=0, level="warning", clean=False), tmp_path, capsys, monkeypatch)
     run = tmp_path / "runs" / "seg"
     history = pd.read_csv(run / "history.csv")
     assert list(history["epoch"]) == [0, 1] and history["loss"].notna().all()
@@ -169,7 +169,7 @@ def test_a_damaged_committed_backup_is_one_line(interrupted, synth_prepared, tmp
         weights.write_bytes(weights.read_bytes()[:1000])
         return Setup(train_argv("segmentation", synth_prepared, run), names=str(weights),
                      inputs=[synth_prepared], problem="damaged backup")
-    check(Case("damaged backup", build), tmp_path, capsys, monkeypatch)
+    check(Case("damaged backup", build, clean=False), tmp_path, capsys, monkeypatch)
 
 
 KILL = r"""
@@ -272,7 +272,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes(start, path, fault
         return Setup(train_argv("segmentation", synth_prepared, run), names=str(run / path),
                      inputs=[synth_prepared], problem="cannot write (No space left on device); what was saved before is kept")
 
-    check(Case(f"disk full: {path}", build, fault=fault), tmp_path, capsys, monkeypatch)
+    check(Case(f"disk full: {path}", build, fault=fault, clean=False), tmp_path, capsys, monkeypatch)
     assert not leftovers(run)  # the half-written file is gone: its space is free again
     assert committed(run) == 1 and (run / "last.keras").is_file() and (run / "best.keras").is_file()
     assert main(train_argv("segmentation", synth_prepared, run)) == 0  # space again: the same command
@@ -313,7 +313,8 @@ def test_out_of_memory_while_training_is_one_line(synth_prepared, tmp_path, caps
     def build(tmp: Path) -> Setup:
         return Setup(train_argv("segmentation", synth_prepared, tmp / "run"), names=str(tmp / "run"),
                      inputs=[synth_prepared], problem="out of memory while training (OOM when allocating")
-    check(Case("out of memory", build, fault=lambda mp, tmp: mp.setattr(AugmentedTrainer, "fit", oom)),
+    check(Case("out of memory", build, fault=lambda mp, tmp: mp.setattr(AugmentedTrainer, "fit", oom),
+               clean=False),  # the run folder stays, to resume with a smaller batch
           tmp_path, capsys, monkeypatch)
 
 

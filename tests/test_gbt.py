@@ -89,13 +89,14 @@ def test_feature_importance(booster):
 def test_save_load_round_trip(booster, tmp_path):
     path = tmp_path / "gbt.json"
     save_gbt(booster, path)
-    assert path.exists() and not (tmp_path / "gbt.json.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gbt.json"]  # no temporary left
     loaded = load_gbt(path)
     x, _ = synthetic(np.random.default_rng(4), 50, missing=0.1)
     np.testing.assert_array_equal(xgb_predict(loaded, x), xgb_predict(booster, x))
     assert loaded.feature_names == booster.feature_names
-    with pytest.raises(CellnetError, match="no_dir"):
-        save_gbt(booster, tmp_path / "no_dir" / "gbt.json")
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(CellnetError, match="a_file/gbt.json: cannot write"):
+        save_gbt(booster, tmp_path / "a_file" / "gbt.json")
     with pytest.raises(CellnetError, match="missing.json"):
         load_gbt(tmp_path / "missing.json")
     (tmp_path / "junk.json").write_text("not a model")
