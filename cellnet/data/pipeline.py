@@ -91,6 +91,16 @@ def _finish(ds: tf.data.Dataset, batch_size: int, training: bool, augment_on: st
     return ds.prefetch(AUTOTUNE)
 
 
+def _decoded(prepared: str | os.PathLike, split: str, decode, training: bool, seed: int,
+             repeat: bool) -> tf.data.Dataset:
+    """Records of a split, decoded and cached once; shuffled each epoch when training."""
+    ds = _records(split_files(prepared, split), training, seed)
+    ds = ds.map(decode, num_parallel_calls=AUTOTUNE).cache()
+    if training:
+        ds = ds.shuffle(max(1, split_count(prepared, split)), seed=seed, reshuffle_each_iteration=True)
+    return ds.repeat() if repeat else ds
+
+
 def cellularity_dataset(prepared: str | os.PathLike, split: str, batch_size: int = 16,
                         training: bool = False, seed: int = 0, augment_on: str = "device",
                         target: str = "y", repeat: bool = False) -> tf.data.Dataset:
@@ -98,12 +108,7 @@ def cellularity_dataset(prepared: str | os.PathLike, split: str, batch_size: int
 
     ``target`` is ``"y"`` (the rater's score, what the paper trains on) or ``"truth"``.
     """
-    ds = _records(split_files(prepared, split), training, seed)
-    ds = ds.map(decode_patch, num_parallel_calls=AUTOTUNE).cache()
-    if training:
-        ds = ds.shuffle(max(1, split_count(prepared, split)), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
+    ds = _decoded(prepared, split, decode_patch, training, seed, repeat)
     ds = ds.map(lambda ex: (ex["image"], tf.reshape(ex[target], [1])), num_parallel_calls=AUTOTUNE)
     return _finish(ds, batch_size, training, augment_on, seed, with_mask=False, drop_remainder=training)
 
@@ -133,12 +138,7 @@ def segmentation_dataset(prepared: str | os.PathLike, split: str = "cells_train"
     Training draws a random ``crop`` (paper: 256) per region per epoch; evaluation takes the
     centre crop so scores are comparable between epochs.
     """
-    ds = _records(split_files(prepared, split), training, seed)
-    ds = ds.map(decode_region, num_parallel_calls=AUTOTUNE).cache()
-    if training:
-        ds = ds.shuffle(max(1, split_count(prepared, split)), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
+    ds = _decoded(prepared, split, decode_region, training, seed, repeat)
 
     def crop_fn(ex):
         image, mask = _pad_to(ex["image"], ex["mask"], crop)
