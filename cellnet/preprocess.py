@@ -14,6 +14,9 @@ PATCH_SIZE = 512
 WORKING_SIZE = PATCH_SIZE // DOWNSAMPLE
 #: The encoder's total stride: a segmenter's input sides must be multiples of it.
 STRIDE = 32
+#: A batch of uint8 RGB images of any size: the one input signature of every traced model call,
+#: so each is traced once (no retracing as batch or image sizes change).
+IMAGES_SPEC = tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")
 
 
 def downsample(images: tf.Tensor, factor: int = DOWNSAMPLE) -> tf.Tensor:

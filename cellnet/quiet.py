@@ -10,6 +10,7 @@ chatter are written back, so a real warning or error still shows.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import sys
@@ -49,6 +50,17 @@ def filtered_stderr() -> Iterator[None]:
                 print(line, file=sys.stderr)
 
 
+#: cellnet's per-model ``tf.function``s: each traces exactly once (a fixed input signature), but
+#: TensorFlow counts traces by code object across instances and calls one trace per model, in a
+#: loop over runs, "frequent retracing".
+OWN_TRACES = re.compile(r"calls to <function (predict_patches|segment_regions|segmenter_features)\.<locals>\.")
+
+
+class _OwnTracesFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not OWN_TRACES.search(record.getMessage())
+
+
 def import_tensorflow():
     """``import tensorflow`` and discover devices, quietly; returns the module."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -58,4 +70,5 @@ def import_tensorflow():
         import tensorflow as tf
 
         tf.config.list_physical_devices("GPU")
+    tf.get_logger().addFilter(_OwnTracesFilter())
     return tf

@@ -282,3 +282,29 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_bad_input(case: Case, tmp_path: Path, capsys, monkeypatch) -> None:
     check(case, tmp_path, capsys, monkeypatch)
+
+
+def test_twelve_bit_patch_is_prepared_at_its_real_brightness(tmp_path, capsys):
+    from cellnet.data.pipeline import patch_records
+    from cellnet.data.records import prepare
+
+    data = layout(tmp_path)
+    path = data / "train" / "1000_1.tif"
+    original = read_rgb(path)
+    tifffile.imwrite(path, original.astype(np.uint16) << 4, photometric="rgb")
+    prepare(data, tmp_path / "out", val_fraction=0.0, progress=False)
+    assert "12-bit" in capsys.readouterr().err
+    means = {slide: float(image.mean()) for batch in patch_records(tmp_path / "out", "train", batch_size=4)
+             for slide, image in zip(batch["slide"].numpy(), batch["image"].numpy())}
+    assert abs(means[b"1000"] - float(original.mean())) < 1.0  # not 1/16 of it
+
+
+def test_import_help_shows_where_qupath_classes_go(capsys):
+    from cellnet.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["import", "--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert ("QuPath its default classes: Tumor -> malignant; Immune cells -> lymphocyte; Stroma, "
+            "Necrosis, Other, Region*, Ignore*, Positive, Negative -> skipped") in help_text

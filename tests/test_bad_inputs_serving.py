@@ -22,7 +22,7 @@ import pytest
 import tensorflow as tf
 import tifffile
 
-from badinput import Case, Setup, check
+from badinput import Case, Setup, check, files_under
 from cellnet.serving.export import export_run
 from cellnet.data.imageio import write_image
 from cellnet.models import CellSegmenter, DirectCellularity, ResNet34Backbone
@@ -429,3 +429,30 @@ CASES = [
 def test_bad_input(case: Case, exports: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     (tmp_path / "models").symlink_to(exports, target_is_directory=True)
     check(case, tmp_path, capsys, monkeypatch)
+
+
+def test_a_later_export_after_a_full_disk_works(exports, tmp_path, capsys, monkeypatch):
+    from cellnet.cli import main
+
+    (tmp_path / "models").symlink_to(exports, target_is_directory=True)
+    case = Case("export-disk-full", export_disk_full,
+                fault=save_fails(lambda export_dir: disk_full(export_dir / "saved_model.pb")))
+    check(case, tmp_path, capsys, monkeypatch)
+    name_dir = tmp_path / "saved_models" / "reg"
+    assert not name_dir.exists() or not any(name_dir.iterdir())
+    assert main(export_argv(tmp_path)) == 0
+    assert sorted(p.name for p in name_dir.iterdir()) == ["1"]
+    assert (name_dir / "1" / "saved_model.pb").is_file() and (name_dir / "1" / "assets" / "cellnet.json").is_file()
+
+
+def test_overlays_land_with_the_csv_and_a_rerun_is_refused(exports, tmp_path, capsys):
+    from cellnet.cli import main
+
+    (tmp_path / "models").symlink_to(exports, target_is_directory=True)
+    argv = predict_with_overlays(tmp_path).argv
+    assert main(argv) == 0
+    assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == ["1001_1.png", "1001_2.png"]
+    assert not [p for p in files_under(tmp_path) if ".tmp" in p]
+    capsys.readouterr()
+    assert main(argv) == 2  # the overlays are there now: never overwritten
+    assert "1001_1.png: already exists" in capsys.readouterr().err

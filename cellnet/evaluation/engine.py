@@ -13,7 +13,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from cellnet.data.pipeline import patch_records, region_records, split_count
-from cellnet.preprocess import pad_to_multiple, to_model_input
+from cellnet.preprocess import IMAGES_SPEC, pad_to_multiple, to_model_input
 
 
 def predict_patches(model, kind: str, prepared: Path, split: str, batch_size: int = 16,
@@ -21,7 +21,7 @@ def predict_patches(model, kind: str, prepared: Path, split: str, batch_size: in
     """Cellularity of every patch of a split (working-resolution uint8 -> [-1, 1] -> model)."""
     from cellnet.models.cellularity import decode_bins
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(input_signature=[IMAGES_SPEC])
     def run(images):
         out = model(to_model_input(images), training=False)
         out = tf.cast(out, tf.float32)
@@ -48,7 +48,7 @@ def predict_patches(model, kind: str, prepared: Path, split: str, batch_size: in
 
 def segment_regions(model, prepared: Path, split: str = "cells_val", progress: bool = True):
     """Whole-region predictions: yields (image uint8 [h,w,3], mask [h,w,4], maps [h,w,4], name)."""
-    @tf.function(reduce_retracing=True)
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
     def run(image):
         x = to_model_input(image[None])
         padded, size = pad_to_multiple(x, value=1.0)

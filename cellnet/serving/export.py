@@ -37,7 +37,7 @@ import tensorflow as tf
 from cellnet.errors import CellnetError, bad
 from cellnet.files import atomic_dir, writing
 from cellnet.models import decode_bins
-from cellnet.preprocess import DOWNSAMPLE, PATCH_SIZE, full_res_to_model_input, pad_to_multiple
+from cellnet.preprocess import DOWNSAMPLE, IMAGES_SPEC, PATCH_SIZE, full_res_to_model_input, pad_to_multiple
 
 KINDS: tuple[str, ...] = ("segmentation", "regression", "classification", "cascade", "gbt")
 #: Kinds that output a cellularity score (and need patches of the training size).
@@ -53,7 +53,6 @@ IMAGES_SIGNATURE = "serving_default"
 BYTES_SIGNATURE = "serving_bytes"
 METADATA_FILE = "cellnet.json"
 
-IMAGES_SPEC = tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")
 BYTES_SPEC = tf.TensorSpec([None], tf.string, name="image_bytes")
 
 

@@ -12,7 +12,7 @@ from cellnet.data.pipeline import cellularity_dataset, patch_records, segmentati
 from cellnet.data.records import ensure_prepared
 from cellnet.errors import CellnetError, bad
 from cellnet.files import atomic_path, writing
-from cellnet.preprocess import WORKING_SIZE, to_model_input
+from cellnet.preprocess import IMAGES_SPEC, WORKING_SIZE, to_model_input
 from cellnet.training.config import CascadeConfig, CellularityConfig, GBTConfig, RunConfig, SegmentationConfig
 from cellnet.training.runs import (RESUMABLE, check_run, copy_atomic, finish_run, load_run_model, open_run,
                                    read_run, require_complete, save_model_atomic, timed, write_run)
@@ -213,7 +213,7 @@ def segmenter_features(segmenter: keras.Model, prepared: Path, split: str, batch
     """81 features (TF ops) of every patch of a split -> (features [N, 81], y [N], ids)."""
     from cellnet.models.features import extract_features
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(input_signature=[IMAGES_SPEC])
     def features(images):
         maps = segmenter(to_model_input(images), training=False)
         return extract_features(tf.cast(maps, tf.float32))
