@@ -9,8 +9,19 @@ import argparse
 import sys
 from pathlib import Path
 
+from cellnet.choices import ARCHS, DECODERS, HEADS, REGRESSION_ACTIVATIONS, UNITS
 from cellnet.quiet import import_tensorflow
 from cellnet.training.presets import PRESETS
+
+#: Weak-mask disc diameter in working-resolution px (SPEC 2.3); the authors drew r = 12 at full
+#: resolution, about 12.5 px across at working resolution.
+DISC_HELP = "weak-mask disc diameter, working-resolution px (default 15; the authors' code: 12.5)"
+
+
+def _unit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--unit", choices=UNITS,
+                   help="ResNet34 residual unit: preact (BN-ELU-conv, default), authors (conv-ELU-BN, "
+                        "the released code), torchvision (conv-BN-ELU; for --init imagenet:*.pth|*.safetensors)")
 
 
 def _common_train(p: argparse.ArgumentParser) -> None:
@@ -58,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of train/ patients held for validation")
+    p.add_argument("--disc", type=float, default=15.0, help=DISC_HELP)
     p.add_argument("--on-bad", default="fail", choices=["fail", "skip"])
     p.add_argument("--quiet", action="store_true")
 
@@ -65,11 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = p.add_subparsers(dest="task", required=True, metavar="TASK")
     t = tsub.add_parser("segmentation", help="weakly supervised nuclei segmentation (paper 3.1)")
     _common_train(t)
-    t.add_argument("--decoder", default="fpn", choices=["fpn", "unet"])
+    _unit(t)
+    t.add_argument("--decoder", default="fpn", choices=DECODERS)
+    t.add_argument("--disc", type=float, help=DISC_HELP + "; for --data prepared on the fly")
     t = tsub.add_parser("cellularity", help="direct cellularity model, or the SR cascade with --seg")
     _common_train(t)
-    t.add_argument("--arch", choices=["resnet34", "resnet50", "xception"], help="direct model (default resnet34)")
-    t.add_argument("--head", choices=["regression", "classification"], help="direct model (default regression)")
+    _unit(t)
+    t.add_argument("--arch", choices=ARCHS, help="direct model (default resnet34)")
+    t.add_argument("--head", choices=HEADS, help="direct model (default regression)")
+    t.add_argument("--regression-activation", choices=REGRESSION_ACTIVATIONS,
+                   help="regression output: linear (default, as the authors' code; clipped to [0, 1] when "
+                        "served) or sigmoid (cellnet 0.2)")
     t.add_argument("--seg", help="segmentation RUN: train the SR cascade on its maps")
     t = tsub.add_parser("gbt", help="gradient-boosted trees on 81 features of a segmenter's maps")
     _common_train(t)
@@ -128,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "prepare":
         from cellnet.data.records import prepare
         manifest = prepare(args.data, args.out, seed=args.seed, val_fraction=args.val_fraction,
-                           on_bad=args.on_bad, progress=not quiet)
+                           on_bad=args.on_bad, diameter=args.disc, progress=not quiet)
         counts = ", ".join(f"{k} {v['count']}" for k, v in manifest["splits"].items())
         print(f"wrote {args.out}: {counts}")
         if manifest["summary"]:

@@ -1,7 +1,7 @@
 """`cellnet demo`: the whole mission on synthetic data with the cpu preset (SPEC 9).
 
-synth -> prepare -> train FPN segmenter -> SR cascade, GBT, direct ResNet34 (classification head)
--> evaluate (Tables 1-3) -> export all four methods -> `predict` through the SavedModels on the
+synth -> prepare -> train FPN and U-Net segmenters -> SR cascade, GBT, direct ResNet34
+(classification head) on the FPN -> evaluate (Tables 1-3) -> export all four methods -> `predict` through the SavedModels on the
 held-out test patches -> a summary table. Every step is skipped when its output is already
 complete, so running the demo again reuses what is built (and resumes an interrupted run).
 """
@@ -57,10 +57,12 @@ def demo(out: str | Path, seed: int = 0) -> dict:
     step("prepare: TFRecords + patient splits", is_prepared(prepared),
          lambda: prepare(data, prepared, seed=seed))
     common = dict(data=str(prepared), preset="cpu", seed=seed)
-    seg = runs / "seg_fpn"
+    seg, unet = runs / "seg_fpn", runs / "seg_unet"
     jobs = [
         ("train segmentation (FPN, ResNet34-ELU)", seg,
          lambda: train_segmentation(make_config("segmentation", run=str(seg), decoder="fpn", **common))),
+        ("train segmentation (U-Net, ResNet34-ELU; Table 1 only)", unet,
+         lambda: train_segmentation(make_config("segmentation", run=str(unet), decoder="unet", **common))),
         ("train cellularity: SR cascade", runs / "sr_cascade",
          lambda: train_cascade(make_config("cascade", run=str(runs / "sr_cascade"), seg=str(seg), **common))),
         ("train gbt: 81 features + XGBoost", runs / "gbt",
@@ -74,7 +76,7 @@ def demo(out: str | Path, seed: int = 0) -> dict:
     cellularity_runs = [runs / "sr_cascade", runs / "gbt", runs / "resnet34_c"]
     report = out / "report"
     step("evaluate: Tables 1-3 on held-out patients", (report / "report.md").is_file(),
-         lambda: evaluate(prepared, [str(seg), *map(str, cellularity_runs)], report, seed=seed))
+         lambda: evaluate(prepared, [str(seg), str(unet), *map(str, cellularity_runs)], report, seed=seed))
     exports = {run.name: out / "saved_models" / run.name for run in [seg, *cellularity_runs]}
     step("export: SavedModels for TF Serving", all((p / "1").is_dir() for p in exports.values()),
          lambda: [export_run(run, exports[run.name], version=1) for run in [seg, *cellularity_runs]

@@ -15,7 +15,7 @@ def _images(n: int = 2, h: int = 64, w: int = 96, c: int = 3, seed: int = 0) -> 
     return np.random.default_rng(seed).uniform(-1, 1, (n, h, w, c)).astype("float32")
 
 
-@pytest.mark.parametrize("unit", ["preact", "authors"])
+@pytest.mark.parametrize("unit", ["preact", "authors", "torchvision"])
 def test_pyramid_taps_have_strides_4_to_32(unit):
     backbone = ResNet34Backbone(unit=unit, width=TINY)
     assert list(backbone.pyramid_outputs) == ["P2", "P3", "P4", "P5"]
@@ -61,6 +61,114 @@ def test_authors_units_conv_elu_bn_and_3x3_projections():
     bn = backbone.get_layer("stage4_unit2_bn1")
     assert bn.input._keras_history[0].name == "stage4_unit2_elu1"
     assert backbone.get_layer("stage4_unit2_elu1").input._keras_history[0].name == "stage4_unit2_conv1"
+
+
+def _source(layer: keras.layers.Layer) -> str:
+    return layer.input._keras_history[0].name
+
+
+def test_torchvision_units_conv_bn_elu_with_pytorch_padding_and_names():
+    backbone = ResNet34Backbone(unit="torchvision", width=TINY)
+    names = [layer.name for layer in backbone.layers]
+    assert len(names) == len(set(names))
+    convs = [layer for layer in backbone.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert len(convs) == 1 + 2 * 16 + 3 and not any(conv.use_bias for conv in convs)
+    bns = [layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(bns) == len(convs)
+    assert all(bn.epsilon == 1e-5 and bn.momentum == 0.9 for bn in bns)
+    # Stem: symmetric pad 3 -> 7x7/2 valid -> BN -> ELU -> pad 1 with -inf -> 3x3/2 valid pool.
+    stem = backbone.get_layer("stem_conv")
+    assert (stem.kernel_size, stem.strides, stem.padding) == ((7, 7), (2, 2), "valid")
+    assert _source(stem) == "stem_conv_pad"
+    assert backbone.get_layer("stem_conv_pad").padding == ((3, 3), (3, 3))
+    pool = backbone.get_layer("stem_pool")
+    assert (pool.pool_size, pool.strides, pool.padding) == ((3, 3), (2, 2), "valid")
+    assert _source(pool) == "stem_pool_pad" and _source(backbone.get_layer("stem_pool_pad")) == "stem_elu"
+    # Downsample (1x1/2 conv -> BN) in the first unit of stages 3-5 only.
+    downsample = sorted(n for n in names if n.endswith("_downsample_conv"))
+    assert downsample == [f"stage{s}_unit1_downsample_conv" for s in range(3, 6)]
+    for name in downsample:
+        conv = backbone.get_layer(name)
+        assert (conv.kernel_size, conv.strides, conv.padding) == ((1, 1), (2, 2), "valid")
+        assert _source(backbone.get_layer(name.replace("_conv", "_bn"))) == name
+    # Strided 3x3: explicit pad 1 + valid; stride 1: "same" (which is pad 1 on both sides).
+    conv = backbone.get_layer("stage4_unit1_conv1")
+    assert (conv.strides, conv.padding, _source(conv)) == ((2, 2), "valid", "stage4_unit1_conv1_pad")
+    assert backbone.get_layer("stage4_unit1_conv1_pad").padding == ((1, 1), (1, 1))
+    assert backbone.get_layer("stage4_unit2_conv1").padding == "same"
+    # conv -> BN -> ELU -> conv -> BN, add, ELU.
+    assert _source(backbone.get_layer("stage4_unit2_bn1")) == "stage4_unit2_conv1"
+    assert _source(backbone.get_layer("stage4_unit2_elu1")) == "stage4_unit2_bn1"
+    assert _source(backbone.get_layer("stage4_unit2_conv2")) == "stage4_unit2_elu1"
+    add = backbone.get_layer("stage4_unit2_add")
+    assert sorted(t._keras_history[0].name for t in add.input) == ["stage4_unit1_out", "stage4_unit2_bn2"]
+    assert _source(backbone.get_layer("stage4_unit2_out")) == "stage4_unit2_add"
+    assert [_source(l) for l in (backbone.get_layer(f"stage{s}_unit1_conv1_pad") for s in (3, 4, 5))] \
+        == ["stage2_unit3_out", "stage3_unit4_out", "stage4_unit6_out"]
+
+
+@pytest.mark.parametrize("size", [31, 32, 33, 35, 64])
+def test_torchvision_unit_output_sizes_follow_pytorch(size):
+    """floor((n + 2p - k) / s) + 1 at every stride-2 step, odd and even sizes alike."""
+    def pytorch(n, k, s, p):
+        return (n + 2 * p - k) // s + 1
+
+    backbone = ResNet34Backbone(unit="torchvision", width=TINY)
+    taps = keras.Model(backbone.input, backbone.pyramid_outputs)(_images(n=1, h=size, w=size + 1))
+    h, w = pytorch(size, 7, 2, 3), pytorch(size + 1, 7, 2, 3)
+    h, w = pytorch(h, 3, 2, 1), pytorch(w, 3, 2, 1)
+    assert taps["P2"].shape[1:3] == (h, w)
+    for level in ("P3", "P4", "P5"):
+        h, w = pytorch(h, 3, 2, 1), pytorch(w, 3, 2, 1)
+        assert taps[level].shape[1:3] == (h, w)
+
+
+def test_stem_pool_pads_with_minus_infinity_not_zeros():
+    from cellnet.models.backbone import NegInfPadding2D
+
+    x = np.full((1, 4, 4, 2), -0.5, "float32")
+    x[0, 0, 0] = -0.25
+    padded = NegInfPadding2D(1)(x)
+    pooled = keras.layers.MaxPooling2D(3, strides=2)(padded).numpy()
+    np.testing.assert_array_equal(pooled[0, :, :, 0], [[-0.25, -0.5], [-0.5, -0.5]])
+
+
+def test_torchvision_unit_any_width_and_channels():
+    backbone = ResNet34Backbone(input_channels=5, unit="torchvision", width=0.3)
+    assert backbone(_images(n=1, c=5)).shape == (1, 2, 3, 160)
+    assert all(conv.filters % 16 == 0 for conv in backbone.layers if isinstance(conv, keras.layers.Conv2D))
+
+
+def test_imagenet_input_norm_layer_values_and_arguments():
+    backbone = ResNet34Backbone(unit="torchvision", width=TINY, input_norm="imagenet")
+    norm = backbone.get_layer("imagenet_norm")
+    assert _source(backbone.get_layer("stem_conv_pad")) == "imagenet_norm"
+    x = np.array([[[[-1.0, 0.0, 1.0]]]], "float32")
+    expected = (np.array([0.0, 0.5, 1.0]) - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    np.testing.assert_allclose(norm(x).numpy()[0, 0, 0], expected, rtol=1e-6)
+    assert "imagenet_norm" not in [layer.name for layer in ResNet34Backbone(width=TINY).layers]
+    with pytest.raises(CellnetError, match="input_norm 'caffe'"):
+        ResNet34Backbone(width=TINY, input_norm="caffe")
+    with pytest.raises(CellnetError, match="needs 3 RGB input channels, not 4"):
+        ResNet34Backbone(input_channels=4, width=TINY, input_norm="imagenet")
+
+
+def test_configs_without_input_norm_mean_none():
+    config = ResNet34Backbone(unit="authors", width=TINY).get_config()
+    assert config["input_norm"] == "none"
+    del config["input_norm"]  # as written before it existed
+    assert ResNet34Backbone.from_config(config).input_norm == "none"
+
+
+def test_torchvision_unit_with_imagenet_norm_round_trips_through_keras_file(tmp_path):
+    backbone = ResNet34Backbone(unit="torchvision", width=TINY, input_norm="imagenet", name="enc")
+    path = tmp_path / "torchvision.keras"
+    backbone.save(path)
+    clone = keras.saving.load_model(path)
+    assert isinstance(clone, ResNet34Backbone) and clone.get_config() == backbone.get_config()
+    assert clone.unit == "torchvision" and clone.input_norm == "imagenet"
+    x = _images(h=35, w=32)
+    np.testing.assert_array_equal(clone(x).numpy(), backbone(x).numpy())
 
 
 def test_paper_size_parameter_count_matches_resnet34_arithmetic():

@@ -105,3 +105,31 @@ def test_a_flag_of_another_task_is_refused(tmp_path, capsys):
                  "--seg", str(tmp_path / "seg"), "--arch", "xception"])
     assert code == 2
     assert capsys.readouterr().err.strip() == "cellnet train cellularity: error: --arch: does not apply to the cascade task"
+
+
+@pytest.mark.parametrize("argv, field, value", [
+    (["train", "segmentation", "--unit", "torchvision"], "unit", "torchvision"),
+    (["train", "cellularity", "--unit", "authors"], "unit", "authors"),
+    (["train", "cellularity", "--seg", "S", "--unit", "authors"], "unit", "authors"),
+    (["train", "segmentation", "--disc", "12.5"], "disc", 12.5),
+    (["train", "cellularity", "--regression-activation", "sigmoid"], "regression_activation", "sigmoid"),
+    (["train", "cellularity", "--seg", "S", "--regression-activation", "sigmoid"], "regression_activation", "sigmoid"),
+])
+def test_train_flags_reach_the_run_config(argv, field, value, tmp_path):
+    from cellnet.training.config import make_config
+
+    args = build_parser().parse_args([*argv, "--data", str(tmp_path), "--run", str(tmp_path / "r")])
+    task = "cascade" if args.task == "cellularity" and args.seg else args.task
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "task", "quiet")}
+    cfg = make_config(task, **given).resolve()
+    assert getattr(cfg, field) == value
+
+
+def test_unit_defaults_to_preact_and_prepare_disc_to_15(tmp_path):
+    from cellnet.training.config import make_config
+
+    cfg = make_config("segmentation", data=str(tmp_path), run=str(tmp_path / "r")).resolve()
+    assert cfg.unit == "preact" and cfg.disc is None
+    assert build_parser().parse_args(["prepare", "--data", "d", "--out", "o"]).disc == 15.0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "segmentation", "--data", "d", "--run", "r", "--unit", "resnet"])

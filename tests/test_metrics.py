@@ -232,6 +232,82 @@ def test_jaccard_counts_add_up_over_batches():
         metrics.jaccard_per_class(truth, pred[..., :3])
 
 
+def _two_images() -> tuple[np.ndarray, np.ndarray]:
+    """Two 2x2 images; pixels in reading order a b / c d. Per-image J worked out below."""
+    truth = np.zeros((2, 2, 2, 4))
+    pred = np.zeros((2, 2, 2, 4))
+    # normal: image 0 truth {a, b}, pred {a} -> 1/2; image 1 truth {a}, pred {a, b, c} -> 1/3.
+    truth[0, 0, :, 0] = 1
+    pred[0, 0, 0, 0] = 0.9
+    truth[1, 0, 0, 0] = 1
+    pred[1, 0, :, 0] = pred[1, 1, 0, 0] = 0.8
+    # lymphocyte: absent from image 0 (none predicted: skipped); image 1 truth {a, b}, pred {a}
+    # -> 1/2 (b at exactly 0.5 is not foreground).
+    truth[1, 0, :, 1] = 1
+    pred[1, 0, 0, 1] = 0.7
+    pred[1, 0, 1, 1] = 0.5
+    # malignant: image 0 truth everywhere, pred {a, b, c} -> 3/4; image 1 absent but d predicted -> 0.
+    truth[0, ..., 2] = 1
+    pred[0, ..., 2] = 0.6
+    pred[0, 1, 1, 2] = 0.1
+    pred[1, 1, 1, 2] = 0.9
+    # background (weight 0): image 0 missed entirely -> 0; image 1 perfect -> 1.
+    truth[..., 3] = 1
+    pred[1, ..., 3] = 1.0
+    return truth, pred
+
+
+def test_per_image_jaccard_by_hand_skips_absent_classes():
+    truth, pred = _two_images()
+    scores = metrics.jaccard_per_image(truth, pred)
+    assert set(scores) == set(CLASSES) | {"weighted"}
+    assert scores["normal"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+    assert metrics.jaccard_per_class(truth, pred)["normal"] == pytest.approx(2 / 5)  # global differs
+    assert scores["lymphocyte"] == pytest.approx(1 / 2)  # not (1 + 1/2) / 2: image 0 is skipped
+    assert scores["malignant"] == pytest.approx((3 / 4 + 0) / 2)  # predicted where absent counts
+    assert scores["background"] == pytest.approx(1 / 2)
+    assert scores["weighted"] == pytest.approx((1 * 5 / 12 + 1 * 1 / 2 + 4 * 3 / 8 + 0 * 1 / 2) / 6)
+    assert scores["weighted"] == pytest.approx(29 / 72)
+
+
+def test_per_image_jaccard_from_per_region_counts():
+    """The report scores regions of different sizes one at a time and stacks their counts."""
+    truth, pred = _two_images()
+    rows = [metrics.jaccard_counts(truth[n:n + 1], pred[n:n + 1]) for n in range(2)]
+    from_counts = metrics.jaccard_per_image_from_counts(np.stack([r[0] for r in rows]),
+                                                        np.stack([r[1] for r in rows]))
+    assert from_counts == metrics.jaccard_per_image(truth, pred)
+
+
+def test_per_image_jaccard_equals_the_authors_mean_when_no_class_is_empty():
+    rng = np.random.default_rng(15)
+    truth = (rng.random((5, 16, 16, 4)) > 0.6).astype(np.float32)
+    pred = rng.random((5, 16, 16, 4)).astype(np.float32)
+    weights = np.array([1.0, 1.0, 4.0, 0.0])
+    t, m = truth > 0.5, pred > 0.5
+    i, u = (t & m).sum(axis=(1, 2)), (t | m).sum(axis=(1, 2))
+    assert (u > 0).all()
+    eps = 1e-15
+    authors = np.mean(((i + eps) / (u + eps)) @ weights / weights.sum())  # per image, then over images
+    assert metrics.jaccard_per_image(truth, pred)["weighted"] == pytest.approx(authors, abs=1e-12)
+
+
+def test_per_image_jaccard_renormalises_over_scored_classes_and_checks_weights():
+    truth, pred = _two_images()
+    truth[..., 2] = pred[..., 2] = 0  # malignant nowhere: NaN, and out of the weighted mean
+    scores = metrics.jaccard_per_image(truth, pred, class_weights=(1, 1, 4, 0))
+    assert math.isnan(scores["malignant"])
+    assert scores["weighted"] == pytest.approx((5 / 12 + 1 / 2) / 2)
+    only_malignant = metrics.jaccard_per_image(truth, pred, class_weights=(0, 0, 1, 0))
+    assert math.isnan(only_malignant["weighted"])
+    with pytest.raises(CellnetError, match="class_weights"):
+        metrics.jaccard_per_image(truth, pred, class_weights=(1, 1, 4))
+    with pytest.raises(CellnetError, match="class_weights"):
+        metrics.jaccard_per_image(truth, pred, class_weights=(0, 0, 0, 0))
+    with pytest.raises(CellnetError, match="segmentation masks"):
+        metrics.jaccard_per_image(truth[0, 0], pred[0, 0])
+
+
 # ---------------------------------------------------------------------------------- summary
 
 

@@ -157,3 +157,30 @@ def test_disk_full_leaves_nothing(tiny_layout, tmp_path, monkeypatch):
     with pytest.raises(CellnetError, match=r"out/train-000-of-001.tfrecord: could not write \(No space left"):
         prepare(tiny_layout, tmp_path / "out", progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and not any((tmp_path / "out").iterdir())
+
+
+def test_disc_diameter_sets_the_masks_and_is_recorded(tiny_layout, tmp_path):
+    from cellnet.data.pipeline import region_records
+
+    areas = {}
+    for disc in (15.0, 12.5):
+        folder = tmp_path / f"d{disc:g}"
+        assert prepare(tiny_layout, folder, diameter=disc, progress=False)["disc_diameter"] == disc
+        assert load_manifest(folder)["disc_diameter"] == disc
+        areas[disc] = sum(int(ex["mask"][..., :3].numpy().sum()) for ex in region_records(folder, "cells_train"))
+    # disc area scales with the squared diameter (up to overlaps and edges)
+    assert 0.55 < areas[12.5] / areas[15.0] < 0.8
+
+
+@pytest.mark.parametrize("disc", [0.0, -3.0, 200.0])
+def test_an_impossible_disc_is_refused(tiny_layout, tmp_path, disc):
+    with pytest.raises(CellnetError, match=r"^--disc: expected a diameter"):
+        prepare(tiny_layout, tmp_path / "out", diameter=disc, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_disc_must_match_a_prepared_folder(tiny_prepared, tiny_layout, tmp_path):
+    with pytest.raises(CellnetError, match=r"manifest.json: masks were drawn with 15-px discs, not --disc 12.5; run `cellnet prepare --disc 12.5`"):
+        ensure_prepared(tiny_prepared, tmp_path, diameter=12.5)
+    cache = ensure_prepared(tiny_layout, tmp_path, diameter=12.5, progress=False)
+    assert cache.name.endswith("-d12.5") and load_manifest(cache)["disc_diameter"] == 12.5

@@ -1,5 +1,6 @@
 """`cellnet evaluate` on tiny trained runs: predictions CSVs, tables, plots, no overwrite."""
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -47,3 +48,24 @@ def test_refuses_to_overwrite_and_rejects_unfinished_runs(report, synth_prepared
         evaluate(synth_prepared, [str(report)], report)
     with pytest.raises(CellnetError, match="not a cellnet run folder"):
         evaluate(synth_prepared, [str(tmp_path)], tmp_path / "out")
+
+
+def test_table1_shows_the_authors_per_image_jaccard(report):
+    results = json.loads((report / "results.json").read_text())
+    seg = results["segmentation"][0]
+    weighted = seg["jaccard_image_weighted"]
+    assert math.isnan(weighted) or 0.0 <= weighted <= 1.0
+    table = (report / "report.md").read_text().split("## Table 1")[1].split("## Table 2")[0]
+    header = next(line for line in table.splitlines() if line.startswith("| Initialisation"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns == ["Initialisation", "Standard decoder (U-Net): ours", "paper",
+                       "U-Net: per-image J (1,1,4,0)", "FPN decoder: ours", "paper",
+                       "FPN: per-image J (1,1,4,0)"]
+    label = "Random" if seg["init"] == "random" else "ImageNet"
+    row = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+    cells = dict(zip(columns[1:], [c.strip() for c in row.strip("|").split("|")][1:]))
+    prefix = "U-Net" if seg["decoder"] == "unet" else "FPN"
+    assert cells[f"{prefix}: per-image J (1,1,4,0)"] == ("—" if math.isnan(weighted) else f"{weighted:.3f}")
+    frame = pd.read_csv(report / "segmentation_metrics.csv")
+    assert {"jaccard_mean", "jaccard_image_weighted", "jaccard_image_normal", "jaccard_image_lymphocyte",
+            "jaccard_image_malignant"} <= set(frame.columns)

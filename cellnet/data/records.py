@@ -43,6 +43,8 @@ from cellnet.preprocess import DOWNSAMPLE, PATCH_SIZE
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 SHARD_SIZE = 256
+#: Largest weak-mask disc accepted: nuclei are 5-15 um, 1 um per working-resolution px.
+MAX_DISC = 64
 
 
 def is_prepared(path: str | os.PathLike) -> bool:
@@ -233,6 +235,8 @@ def prepare(data: str | os.PathLike, out: str | os.PathLike, seed: int = 0, val_
             progress: bool = True) -> dict:
     """Write TFRecords + manifest for a BreastPathQ-layout folder into ``out`` (atomically)."""
     data, out = Path(data), Path(out)
+    if not 0 < diameter <= MAX_DISC:
+        raise CellnetError(f"--disc: expected a diameter in (0, {MAX_DISC}] working-resolution px, got {diameter}")
     if is_prepared(out):
         raise bad(out, "already holds prepared records (manifest.json); choose a new --out or delete it")
     if out.exists() and any(out.iterdir()):
@@ -291,19 +295,27 @@ def prepare(data: str | os.PathLike, out: str | os.PathLike, seed: int = 0, val_
 
 
 def ensure_prepared(data: str | os.PathLike, cache_parent: str | os.PathLike, seed: int = 0,
-                    on_bad: str = "fail", progress: bool = True) -> Path:
+                    on_bad: str = "fail", progress: bool = True, diameter: float | None = None) -> Path:
     """``--data`` as given to train/evaluate: a prepared folder, or a dataset prepared into a cache.
 
     The cache lives in ``<cache_parent>/.cellnet-cache/<name>-<fingerprint>`` and is reused while the
     dataset's files are unchanged; a damaged cache (cellnet's own files) is prepared again, with a
     warning. A damaged prepared folder given as ``--data`` is the user's: an error names the shard.
+    ``diameter`` (``--disc``; None: the prepared folder's, or ``DISC_DIAMETER``) must match a
+    prepared folder's discs: its masks are already drawn.
     """
     data = Path(data)
     if is_prepared(data):
+        drawn = load_manifest(data).get("disc_diameter", DISC_DIAMETER)
+        if diameter is not None and float(drawn) != float(diameter):
+            raise bad(data / MANIFEST, f"masks were drawn with {drawn:g}-px discs, not --disc {diameter:g}; "
+                                       f"run `cellnet prepare --disc {diameter:g}` into a new folder")
         verify_shards(data)
         return data
     check_dataset_folder(data)
-    cache = Path(cache_parent) / ".cellnet-cache" / f"{data.resolve().name}-{fingerprint(data)}-s{seed}"
+    diameter = DISC_DIAMETER if diameter is None else diameter
+    disc = "" if diameter == DISC_DIAMETER else f"-d{diameter:g}"
+    cache = Path(cache_parent) / ".cellnet-cache" / f"{data.resolve().name}-{fingerprint(data)}-s{seed}{disc}"
     if is_prepared(cache):
         try:
             verify_shards(cache)
@@ -312,7 +324,7 @@ def ensure_prepared(data: str | os.PathLike, cache_parent: str | os.PathLike, se
             warn(cache, f"damaged cache, preparing it again ({str(exc).removeprefix(f'{cache}/')})")
     if cache.exists():
         shutil.rmtree(cache)
-    prepare(data, cache, seed=seed, on_bad=on_bad, progress=progress)
+    prepare(data, cache, seed=seed, on_bad=on_bad, diameter=diameter, progress=progress)
     return cache
 
 

@@ -10,7 +10,8 @@ Cellularity (one score in [0, 1] per patch, truth ``y`` against prediction ``p``
   1996 (Table 3);
 * the prediction probability P_K of Smith et al. 1996, the BreastPathQ challenge metric.
 
-Segmentation: Jaccard index per class at a threshold, global over the whole set (Table 1).
+Segmentation: Jaccard index per class at a threshold, global over the whole set (Table 1), and
+the authors' validation measure, per image and class, averaged with class weights 1, 1, 4, 0.
 
 Only numpy and scipy are used here: scoring a report needs no TensorFlow.
 """
@@ -327,6 +328,17 @@ def prediction_probability(y: Sequence[float] | np.ndarray, p: Sequence[float] |
 # --------------------------------------------------------------------------------- Jaccard
 
 
+def _foreground(y_true_masks: np.ndarray, y_pred_maps: np.ndarray, threshold: float,
+                min_ndim: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean truth (> 0.5) and prediction (> ``threshold``) of same-shape ``[..., C]`` arrays."""
+    t = np.asarray(y_true_masks)
+    m = np.asarray(y_pred_maps)
+    if t.shape != m.shape or t.ndim < min_ndim:
+        raise CellnetError(f"segmentation masks: truth shape {t.shape} and prediction shape "
+                           f"{m.shape} differ or have fewer than {min_ndim} axes")
+    return t > 0.5, m > threshold
+
+
 def jaccard_counts(y_true_masks: np.ndarray, y_pred_maps: np.ndarray,
                    threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel intersection and union pixel counts of ``[..., C]`` masks and maps.
@@ -335,13 +347,9 @@ def jaccard_counts(y_true_masks: np.ndarray, y_pred_maps: np.ndarray,
     Counts of several batches add up, so a large set can be scored batch by batch and passed to
     :func:`jaccard_from_counts`.
     """
-    t = np.asarray(y_true_masks)
-    m = np.asarray(y_pred_maps)
-    if t.shape != m.shape or t.ndim < 2:
-        raise CellnetError(f"segmentation masks: truth shape {t.shape} and prediction shape "
-                           f"{m.shape} differ (both must be [..., channels])")
-    t = t.reshape(-1, t.shape[-1]) > 0.5
-    m = m.reshape(-1, m.shape[-1]) > threshold
+    t, m = _foreground(y_true_masks, y_pred_maps, threshold)
+    t = t.reshape(-1, t.shape[-1])
+    m = m.reshape(-1, m.shape[-1])
     intersection = np.count_nonzero(t & m, axis=0).astype(np.int64)
     union = np.count_nonzero(t | m, axis=0).astype(np.int64)
     return intersection, union
@@ -378,6 +386,60 @@ def jaccard_per_class(y_true_masks: np.ndarray, y_pred_maps: np.ndarray, thresho
     :func:`jaccard_from_counts`.
     """
     return jaccard_from_counts(*jaccard_counts(y_true_masks, y_pred_maps, threshold), classes)
+
+
+#: Class weights of the authors' validation Jaccard (normal, lymphocyte, malignant, background).
+AUTHORS_CLASS_WEIGHTS: tuple[float, ...] = (1.0, 1.0, 4.0, 0.0)
+
+
+def jaccard_per_image_from_counts(intersection: np.ndarray, union: np.ndarray,
+                                  class_weights: Sequence[float] = AUTHORS_CLASS_WEIGHTS,
+                                  classes: Sequence[str] = CLASSES) -> dict[str, float]:
+    """Mean over images of the per-image Jaccard, per class, and their class-weighted mean.
+
+    ``intersection`` and ``union`` are [images, C] pixel counts (one :func:`jaccard_counts` row
+    per image). An image whose union is empty for a class (no such cells, none predicted) is
+    left out of that class's mean: it says nothing about how well the class is segmented, and
+    counting it as 1 (the authors' ``(0 + eps) / (0 + eps)``) would reward classes for being
+    rare. A class that no image scores is NaN. ``"weighted"`` is ``sum_c w_c J_c / sum_c w_c``
+    over the classes that are not NaN; with no empty pair it equals the authors' mean over
+    images of ``sum_c w_c J_c(image) / sum_c w_c``. It is NaN when every weighted class is.
+    """
+    intersection = np.asarray(intersection, dtype=np.float64)
+    union = np.asarray(union, dtype=np.float64)
+    weights = np.asarray(class_weights, dtype=np.float64)
+    if intersection.ndim != 2 or intersection.shape[1] != len(classes) or union.shape != intersection.shape:
+        raise CellnetError(f"segmentation masks: per-image counts of shape {intersection.shape} "
+                           f"for {len(classes)} classes {tuple(classes)}")
+    if weights.shape != (len(classes),) or (weights < 0).any() or weights.sum() <= 0:
+        raise CellnetError(f"Jaccard class_weights {tuple(class_weights)}: need {len(classes)} "
+                           "non-negative weights, not all 0")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_image = np.where(union > 0, intersection / union, np.nan)
+    scored = ~np.isnan(per_image)
+    with np.errstate(invalid="ignore"):
+        per_class = np.where(scored.any(axis=0), np.nansum(per_image, axis=0) / scored.sum(axis=0), np.nan)
+    result = {name: float(v) for name, v in zip(classes, per_class)}
+    counted = ~np.isnan(per_class) & (weights > 0)
+    result["weighted"] = (float(np.sum(weights[counted] * per_class[counted]) / weights[counted].sum())
+                          if counted.any() else float("nan"))
+    return result
+
+
+def jaccard_per_image(y_true_masks: np.ndarray, y_pred_maps: np.ndarray, threshold: float = 0.5,
+                      class_weights: Sequence[float] = AUTHORS_CLASS_WEIGHTS,
+                      classes: Sequence[str] = CLASSES) -> dict[str, float]:
+    """The authors' validation measure: Jaccard per image and class of ``[N, H, W, C]`` arrays.
+
+    Thresholds as :func:`jaccard_counts` (the authors count a prediction of exactly
+    ``threshold`` as foreground; the same rule as the global Jaccard keeps the two comparable);
+    averaging and empty classes as :func:`jaccard_per_image_from_counts`.
+    """
+    t, m = _foreground(y_true_masks, y_pred_maps, threshold, min_ndim=3)
+    t = t.reshape(t.shape[0], -1, t.shape[-1])
+    m = m.reshape(m.shape[0], -1, m.shape[-1])
+    return jaccard_per_image_from_counts(np.count_nonzero(t & m, axis=1),
+                                         np.count_nonzero(t | m, axis=1), class_weights, classes)
 
 
 # --------------------------------------------------------------------------------- summary

@@ -1,11 +1,15 @@
 """ResNet34 encoder with ELU activations (paper section 3.1, SPEC section 3).
 
-Two residual units are available:
+Three residual units are available:
 
 - ``"preact"`` (default): pre-activation units, BN -> ELU -> conv, identity shortcuts and a 1x1
   projection where the stride or the width changes (He et al. 2016, "Identity Mappings").
 - ``"authors"``: the unit of the authors' released Keras code, conv -> ELU -> BN, with a 3x3
   projection shortcut in the first unit of every stage.
+- ``"torchvision"``: torchvision's resnet34 (conv -> BN -> ELU, 1x1 projection "downsample"
+  where the stride changes) with PyTorch's symmetric padding, so that ImageNet weights loaded
+  by :mod:`cellnet.models.pretrained` see the computation they were trained with (ELU instead
+  of ReLU, as in the paper).
 
 The pyramid taps ``P2..P5`` (strides 4, 8, 16, 32) feed the segmentation decoders.
 """
@@ -16,7 +20,7 @@ import tempfile
 
 import h5py
 import keras
-from keras import layers
+from keras import layers, ops
 
 from cellnet.errors import CellnetError
 
@@ -28,8 +32,14 @@ BN_MOMENTUM = 0.9
 STAGE_BLOCKS: tuple[int, ...] = (3, 4, 6, 3)
 STAGE_FILTERS: tuple[int, ...] = (64, 128, 256, 512)
 STEM_FILTERS = 64
-UNITS: tuple[str, ...] = ("preact", "authors")
+UNITS: tuple[str, ...] = ("preact", "authors", "torchvision")
 KERNEL_INITIALIZER = "he_normal"
+#: torchvision's BatchNorm2d epsilon (Keras's default is 1e-3), used by the torchvision unit.
+TORCH_BN_EPSILON = 1e-5
+INPUT_NORMS: tuple[str, ...] = ("none", "imagenet")
+#: torchvision's ImageNet normalisation of [0, 1] RGB input.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 #: Every channel count is a multiple of this. oneDNN's AVX-512 float32 kernels work on blocks of
@@ -62,6 +72,39 @@ def _conv(filters: int, kernel_size: int, strides: int, use_bias: bool, name: st
     )
 
 
+@keras.saving.register_keras_serializable(package="cellnet")
+class ImageNetNormalization(layers.Layer):
+    """[-1, 1] RGB -> torchvision's ImageNet input ``(x01 - mean) / std``.
+
+    Keeps the caller's contract (always [-1, 1]) while torchvision/timm weights see the input
+    they were trained on.
+    """
+
+    def call(self, inputs):
+        mean = ops.convert_to_tensor(IMAGENET_MEAN, dtype=inputs.dtype)
+        std = ops.convert_to_tensor(IMAGENET_STD, dtype=inputs.dtype)
+        return ((inputs + 1.0) * 0.5 - mean) / std
+
+
+@keras.saving.register_keras_serializable(package="cellnet")
+class NegInfPadding2D(layers.Layer):
+    """Symmetric spatial padding with -inf: a following max-pool ignores the border, as
+    PyTorch's ``MaxPool2d(padding=...)`` does (zeros would win over negative ELU outputs)."""
+
+    def __init__(self, padding: int, **kwargs):
+        super().__init__(**kwargs)
+        self.padding = padding
+
+    def call(self, inputs):
+        p = self.padding
+        return ops.pad(inputs, [[0, 0], [p, p], [p, p], [0, 0]], constant_values=float("-inf"))
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config["padding"] = self.padding
+        return config
+
+
 def set_trainable(model: keras.layers.Layer, trainable: bool) -> None:
     """Set ``trainable`` on ``model`` and every layer inside it.
 
@@ -80,6 +123,50 @@ def stem(x, filters: int, use_bias: bool):
     x = layers.BatchNormalization(momentum=BN_MOMENTUM, name="stem_bn")(x)
     x = layers.Activation("elu", name="stem_elu")(x)
     return layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
+
+
+def _torch_conv(x, filters: int, kernel_size: int, strides: int, name: str):
+    """Bias-free conv with PyTorch's padding ``kernel_size // 2`` on every side.
+
+    At stride 1 that is Keras's "same"; at stride 2 "same" pads (0, 1) on even inputs, so the
+    padding is explicit (``<name>_pad``) and the convolution "valid".
+    """
+    pad = kernel_size // 2
+    if strides != 1 and pad:
+        x = layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
+    padding = "same" if strides == 1 else "valid"
+    return layers.Conv2D(filters, kernel_size, strides=strides, padding=padding, use_bias=False,
+                         kernel_initializer=KERNEL_INITIALIZER, name=name)(x)
+
+
+def _torch_bn(name: str) -> layers.BatchNormalization:
+    return layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=TORCH_BN_EPSILON, name=name)
+
+
+def torchvision_stem(x, filters: int):
+    """torchvision's stem: 7x7/2 conv (pad 3) -> BN -> ELU -> 3x3/2 max-pool (pad 1)."""
+    x = _torch_conv(x, filters, 7, 2, "stem_conv")
+    x = _torch_bn("stem_bn")(x)
+    x = layers.Activation("elu", name="stem_elu")(x)
+    x = NegInfPadding2D(1, name="stem_pool_pad")(x)
+    return layers.MaxPooling2D(3, strides=2, padding="valid", name="stem_pool")(x)
+
+
+def torchvision_unit(x, filters: int, strides: int, name: str):
+    """torchvision's BasicBlock with ELU: (3x3 conv -> BN) -> ELU -> (3x3 conv -> BN), add the
+    shortcut (1x1 conv -> BN "downsample" where the stride or the width changes), ELU."""
+    y = _torch_conv(x, filters, 3, strides, f"{name}_conv1")
+    y = _torch_bn(f"{name}_bn1")(y)
+    y = layers.Activation("elu", name=f"{name}_elu1")(y)
+    y = _torch_conv(y, filters, 3, 1, f"{name}_conv2")
+    y = _torch_bn(f"{name}_bn2")(y)
+    if strides != 1 or x.shape[-1] != filters:
+        shortcut = _torch_conv(x, filters, 1, strides, f"{name}_downsample_conv")
+        shortcut = _torch_bn(f"{name}_downsample_bn")(shortcut)
+    else:
+        shortcut = x
+    y = layers.Add(name=f"{name}_add")([y, shortcut])
+    return layers.Activation("elu", name=f"{name}_out")(y)
 
 
 def preact_unit(x, filters: int, strides: int, name: str):
@@ -126,10 +213,14 @@ class ResNet34Backbone(keras.Model):
 
     Args:
         input_channels: channels of the input image (3 for RGB, 4 for segmentation maps).
-        unit: ``"preact"`` (BN -> ELU -> conv) or ``"authors"`` (conv -> ELU -> BN).
+        unit: ``"preact"`` (BN -> ELU -> conv), ``"authors"`` (conv -> ELU -> BN) or
+            ``"torchvision"`` (torchvision's resnet34 with ELU; loads ImageNet weights with
+            ``cellnet.models.pretrained``).
         width: channel multiplier for small CPU presets; channel counts are rounded to
             multiples of ``channel_multiple``.
         channel_multiple: 16 (``CHANNEL_MULTIPLE``); ``None`` rebuilds models saved before it.
+        input_norm: ``"none"``, or ``"imagenet"``: the [-1, 1] RGB input is converted to
+            torchvision's ImageNet normalisation first (layer ``imagenet_norm``; 3 channels).
         **kwargs: passed to ``keras.Model`` (``name``, ``trainable``, ``dtype``).
 
     Attributes:
@@ -147,7 +238,8 @@ class ResNet34Backbone(keras.Model):
     """
 
     def __init__(self, input_channels: int = 3, unit: str = "preact", width: float = 1.0,
-                 channel_multiple: int | None = CHANNEL_MULTIPLE, **kwargs):
+                 channel_multiple: int | None = CHANNEL_MULTIPLE, input_norm: str = "none",
+                 **kwargs):
         trainable = kwargs.pop("trainable", True)
         if unit not in UNITS:
             raise CellnetError(f"ResNet34Backbone unit {unit!r}: expected one of {', '.join(UNITS)}")
@@ -156,11 +248,27 @@ class ResNet34Backbone(keras.Model):
                 f"ResNet34Backbone: input_channels ({input_channels}) and width ({width}) "
                 "must be positive"
             )
+        if input_norm not in INPUT_NORMS:
+            raise CellnetError(
+                f"ResNet34Backbone input_norm {input_norm!r}: expected one of {', '.join(INPUT_NORMS)}"
+            )
+        if input_norm == "imagenet" and input_channels != 3:
+            raise CellnetError(
+                f"ResNet34Backbone input_norm 'imagenet' needs 3 RGB input channels, "
+                f"not {input_channels}"
+            )
         preact = unit == "preact"
 
         # === Functional Model ===
         inputs = keras.Input(shape=(None, None, input_channels), name="image")
-        x = stem(inputs, scaled_filters(STEM_FILTERS, width, channel_multiple), use_bias=not preact)
+        x = inputs
+        if input_norm == "imagenet":
+            x = ImageNetNormalization(name="imagenet_norm")(x)
+        stem_filters = scaled_filters(STEM_FILTERS, width, channel_multiple)
+        if unit == "torchvision":
+            x = torchvision_stem(x, stem_filters)
+        else:
+            x = stem(x, stem_filters, use_bias=not preact)
         pyramid = {}
         for stage, (blocks, filters) in enumerate(zip(STAGE_BLOCKS, STAGE_FILTERS), start=2):
             filters = scaled_filters(filters, width, channel_multiple)
@@ -172,8 +280,10 @@ class ResNet34Backbone(keras.Model):
                     if block == 0 and stage > 2:
                         # Tap the previous stage where the next one normalises and activates it.
                         pyramid[f"P{stage - 1}"] = unit_preact
-                else:
+                elif unit == "authors":
                     x = authors_unit(x, filters, strides, project=block == 0, name=name)
+                else:
+                    x = torchvision_unit(x, filters, strides, name)
             if not preact:
                 pyramid[f"P{stage}"] = x
         if preact:
@@ -189,6 +299,7 @@ class ResNet34Backbone(keras.Model):
         self.unit = unit
         self.width = width
         self.channel_multiple = channel_multiple
+        self.input_norm = input_norm
         self.pyramid_outputs = pyramid
 
     def get_config(self) -> dict:
@@ -199,18 +310,22 @@ class ResNet34Backbone(keras.Model):
             "unit": self.unit,
             "width": self.width,
             "channel_multiple": self.channel_multiple,
+            "input_norm": self.input_norm,
         }
 
     @classmethod
     def from_config(cls, config: dict) -> "ResNet34Backbone":
-        # files saved before channel_multiple existed keep their old channel counts
+        # files saved before channel_multiple existed keep their old channel counts (and,
+        # before input_norm, take the default "none")
         return cls(**{"channel_multiple": None, **config})
 
 
 _HOW_TO_MAKE = (
     "expected a '.weights.h5' file written by ResNet34Backbone(...).save_weights(path) with the same "
-    "input_channels/unit/width, or a '.keras'/'.h5' model whose layers carry the backbone's layer names "
-    "(e.g. a saved CellSegmenter or resnet34 DirectCellularity); weights are never downloaded"
+    "input_channels/unit/width, a '.keras'/'.h5' model whose layers carry the backbone's layer names "
+    "(e.g. a saved CellSegmenter or resnet34 DirectCellularity), or torchvision's resnet34 '.pth' / "
+    "timm's resnet34 '.safetensors' ImageNet state dict for unit 'torchvision' (width 1.0, "
+    "3 channels); weights are never downloaded"
 )
 
 
@@ -301,7 +416,9 @@ def load_backbone_weights(backbone: ResNet34Backbone, path: str | os.PathLike) -
 
     ``.weights.h5`` files must come from a backbone of the same configuration; ``.keras`` and
     ``.h5`` models are matched layer by layer by name and weight shape, and every backbone layer
-    must be found. Raises ``CellnetError`` for a missing or unsuitable file.
+    must be found. ``.pth``/``.pt`` (torchvision) and ``.safetensors`` (timm) resnet34 state
+    dicts load into a ``unit="torchvision"`` backbone (``cellnet.models.pretrained``). Raises
+    ``CellnetError`` for a missing or unsuitable file.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -316,5 +433,9 @@ def load_backbone_weights(backbone: ResNet34Backbone, path: str | os.PathLike) -
                 f"{path}: cannot be read as a Keras model ({error}); {_HOW_TO_MAKE}"
             ) from None
         _copy_by_name(backbone, source, path)
+    elif path.endswith((".pth", ".pt", ".safetensors")):
+        from cellnet.models.pretrained import load_torchvision_weights  # it imports this module
+
+        load_torchvision_weights(backbone, path)
     else:
         raise CellnetError(f"{path}: unknown weights format; {_HOW_TO_MAKE}")

@@ -16,13 +16,15 @@ from cellnet.training.presets import preset
 
 #: Config fields that must be positive (counts, rates, sizes).
 POSITIVE = ("epochs", "batch_size", "steps_per_epoch", "lr", "lr_final", "finetune_lr", "width",
-            "crop", "rounds", "learning_rate", "max_depth", "max_leaves")
+            "crop", "disc", "rounds", "learning_rate", "max_depth", "max_leaves")
 #: Config fields set by a ``cellnet train`` option, in the order a resume command lists them.
-FLAGS = {"preset": "--preset", "decoder": "--decoder", "arch": "--arch", "head": "--head", "seg": "--seg",
-         "epochs": "--epochs", "batch_size": "--batch-size", "seed": "--seed", "init": "--init",
-         "strategy": "--strategy", "precision": "--precision", "jit": "--jit",
+FLAGS = {"preset": "--preset", "decoder": "--decoder", "unit": "--unit", "disc": "--disc",
+         "arch": "--arch", "head": "--head", "regression_activation": "--regression-activation",
+         "seg": "--seg", "epochs": "--epochs", "batch_size": "--batch-size", "seed": "--seed",
+         "init": "--init", "strategy": "--strategy", "precision": "--precision", "jit": "--jit",
          "augment_on": "--augment-on", "on_bad": "--on-bad"}
-#: Keys an interrupted run must keep: resuming with others would continue another model.
+
+
 def _flag(name: str) -> str:
     return FLAGS.get(name, name)
 
@@ -96,6 +98,9 @@ class SegmentationConfig(NetworkConfig):
     task: str = "segmentation"
     decoder: str = "fpn"
     crop: int | None = None
+    #: Weak-mask disc diameter (working-resolution px) for data prepared on the fly; None: 15, or
+    #: what a prepared ``--data`` was drawn with.
+    disc: float | None = None
 
 
 @dataclass
@@ -105,6 +110,7 @@ class CellularityConfig(NetworkConfig):
     task: str = "cellularity"
     arch: str = "resnet34"
     head: str = "regression"
+    regression_activation: str = "linear"
     target: str = "y"
 
 
@@ -116,6 +122,7 @@ class CascadeConfig(NetworkConfig):
     seg: str | None = None
     finetune_epochs: int | None = None
     finetune_lr: float | None = None
+    regression_activation: str = "linear"
     target: str = "y"
 
 

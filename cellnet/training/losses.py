@@ -1,8 +1,10 @@
 """Losses and metrics: segmentation (paper 3.1, eqs. 1-3) and cellularity (paper 3.4).
 
-Segmentation, per class c: ``L_c = (1 - alpha) * BCE_c - alpha * J_c`` with the soft Jaccard
-of eq. 2, ``J_c = mean_i y_i p_i / (y_i + p_i - y_i p_i)``; the total is
-``sum_c v_c L_c / sum_c v_c``.
+Segmentation, per class c: ``L_c = (1 - alpha) * BCE_c - alpha * J_c``; the total is
+``sum_c v_c L_c / sum_c v_c``. ``J_c`` is the soft Jaccard of the authors' released code, per
+image and class over its pixels: ``(sum y p + s) / (sum y + sum p - sum y p + s)``. Eq. 2 as
+printed divides pixel by pixel, which for binary labels is ``mean(y p)``: no gradient where
+y = 0 and an all-ones prediction scores best (README, deviations).
 Cellularity: MSE for the regression head, cross-entropy over 101 bins for the classification
 head. Everything is computed in float32, also under a mixed-precision policy.
 """
@@ -19,17 +21,22 @@ from cellnet.errors import CellnetError
 #: The cross-entropy clips p and 1 - p at EPSILON inside its logs.
 EPSILON = 1e-7
 SPATIAL_AXES = (1, 2)
+#: Added to the soft Jaccard's intersection and union: one pixel's worth.
+SMOOTH = 1.0
 
 
-def soft_jaccard(y_true, y_pred) -> tf.Tensor:
-    """Eq. 2 per image and class: mean over pixels of ``y p / (y + p - y p)``, shape (N, C).
+def soft_jaccard(y_true, y_pred, smooth: float = SMOOTH) -> tf.Tensor:
+    """Soft Jaccard per image and class, shape (N, C).
 
-    A pixel where both ``y`` and ``p`` are 0 counts as 0 (the 0/0 guard).
+    ``(sum_i y_i p_i + smooth) / (sum_i y_i + sum_i p_i - sum_i y_i p_i + smooth)`` over the pixels
+    i of each image; ``smooth`` (one pixel) makes an empty mask with an empty prediction score 1
+    and changes other values by at most 1 / (pixels of the union).
     """
     y = tf.cast(y_true, tf.float32)
     p = tf.cast(y_pred, tf.float32)
-    intersection = y * p
-    return tf.reduce_mean(tf.math.divide_no_nan(intersection, y + p - intersection), axis=SPATIAL_AXES)
+    intersection = tf.reduce_sum(y * p, axis=SPATIAL_AXES)
+    union = tf.reduce_sum(y, axis=SPATIAL_AXES) + tf.reduce_sum(p, axis=SPATIAL_AXES) - intersection
+    return (intersection + smooth) / (union + smooth)
 
 
 def binary_crossentropy(y_true, y_pred) -> tf.Tensor:
@@ -46,13 +53,17 @@ def binary_crossentropy(y_true, y_pred) -> tf.Tensor:
 class SegmentationLoss(keras.losses.Loss):
     """Weighted BCE minus soft Jaccard over the mask channels (paper eqs. 1-3).
 
+    Per image ``sum_c v_c ((1 - alpha) BCE_c - alpha J_c) / sum_c v_c``, with ``J_c`` the
+    per-image :func:`soft_jaccard` of the authors' code rather than eq. 2's per-pixel ratio.
+
     Args:
         alpha: weight of the soft Jaccard term (0.15 in the paper).
         class_weights: one weight per channel (normal 1, lymphocyte 1, malignant 4,
             background 1 in the paper).
 
-    Returns one value per image; Keras averages them over the batch, which equals the
-    pixel means of eqs. 1-2 over the whole batch because all images have the same size.
+    Returns one value per image; Keras averages them over the batch. For the BCE that equals
+    eq. 1's pixel mean over the whole batch (all images have the same size); the Jaccard term
+    is the mean of the per-image values, as in the authors' code.
     """
 
     def __init__(

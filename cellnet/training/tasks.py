@@ -24,7 +24,7 @@ def _open(cfg: RunConfig) -> tuple[Path, Path]:
     so a bad dataset leaves no run behind; a refused ``--run`` is refused before that work."""
     check_run(cfg)
     prepared = ensure_prepared(cfg.data, Path(cfg.run).parent, seed=cfg.seed, on_bad=cfg.on_bad,
-                               progress=cfg.progress)
+                               progress=cfg.progress, diameter=getattr(cfg, "disc", None))
     return open_run(cfg)[0], prepared
 
 

@@ -1,0 +1,177 @@
+"""Leave-one-site-out A/B of segmentation training choices on BRCA-M2C (developer measurement).
+
+``python -m evaluate.site_ab --src ../shared/real/brca-m2c --work /tmp/loso --epochs 30``
+
+Each fold holds out one TCGA tissue-source site (A7, A8, AC: characters 6-7 of the barcode)
+and trains on the other two, so no site or patient is on both sides. Every variant is scored on
+the held-out site's whole regions against the same reference: 15-px discs (global Jaccard at
+0.5, as in training) and point detection (peaks of each class map matched one-to-one to the
+annotated nuclei within ``MATCH_RADIUS`` working-resolution px), which does not depend on the
+disc size a variant trained with. Variants (same seed and budget):
+
+- ``eq2``: the soft Jaccard of eq. 2 as printed (per pixel), 15-px discs;
+- ``authors``: the released code's per-image soft Jaccard (cellnet's loss), 15-px discs;
+- ``authors_d12.5``: the same with the authors' 12.5-px discs;
+- ``authors_bn0.99``: the same with 15-px discs and Keras's BatchNormalization momentum 0.99
+  (the authors' Keras 2 default) instead of cellnet's 0.9.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SITES = ("A7", "A8", "AC")
+VARIANTS = {"eq2": ("eq2", 15.0), "authors": ("authors", 15.0), "authors_d12.5": ("authors", 12.5),
+            "authors_bn0.99": ("authors+bn0.99", 15.0)}
+REFERENCE_DISC = 15.0
+MATCH_RADIUS = 6.0
+PEAK_WINDOW = 5
+
+
+def site_of(case: str) -> str:
+    """``TCGA-A7-A0D9-...`` -> ``A7``."""
+    return case.split("-")[1]
+
+
+def make_fold(imported: Path, fold: Path, site: str) -> None:
+    """A dataset folder whose cells/split.csv holds out ``site`` (links to the imported files)."""
+    cells = fold / "cells"
+    cells.mkdir(parents=True, exist_ok=True)
+    rows = ["name,split"]
+    for image in sorted((imported / "cells").glob("*_crop.tif")):
+        for path in (image, image.with_name(image.name.replace("_crop.tif", "_key.xml"))):
+            link = cells / path.name
+            if not link.exists():
+                link.symlink_to(path.resolve())
+        name = image.name.removesuffix("_crop.tif")
+        rows.append(f"{name},{'val' if site_of(name) == site else 'train'}")
+    (cells / "split.csv").write_text("\n".join(rows) + "\n")
+
+
+def eq2_jaccard(y_true, y_pred):
+    """Eq. 2 as printed: mean over pixels of y p / (y + p - y p)."""
+    import tensorflow as tf
+
+    y, p = tf.cast(y_true, tf.float32), tf.cast(y_pred, tf.float32)
+    return tf.reduce_mean(tf.math.divide_no_nan(y * p, y + p - y * p), axis=(1, 2))
+
+
+def train_one(prepared: Path, run: Path, loss: str, epochs: int, seed: int) -> None:
+    from cellnet.quiet import import_tensorflow
+
+    import_tensorflow()
+    from cellnet.models import backbone, decoders
+    from cellnet.training import losses
+    from cellnet.training.config import make_config
+    from cellnet.training.tasks import train_segmentation
+
+    loss, _, momentum = loss.partition("+bn")
+    if loss == "eq2":
+        losses.soft_jaccard = eq2_jaccard
+    if momentum:
+        backbone.BN_MOMENTUM = decoders.BN_MOMENTUM = float(momentum)
+    train_segmentation(make_config("segmentation", data=str(prepared), run=str(run), preset="cpu",
+                                   epochs=epochs, seed=seed, progress=False))
+
+
+def detection_counts(maps: np.ndarray, points_xy: np.ndarray, labels: np.ndarray, cls: int):
+    """(true positives, predicted peaks, annotated points) of one class in one region."""
+    from scipy import ndimage
+    from scipy.optimize import linear_sum_assignment
+
+    m = maps[..., cls]
+    peaks = np.argwhere((m == ndimage.maximum_filter(m, size=PEAK_WINDOW)) & (m > 0.5))[:, ::-1]
+    truth = points_xy[labels == cls] / 2.0
+    if len(peaks) == 0 or len(truth) == 0:
+        return 0, len(peaks), len(truth)
+    dist = np.linalg.norm(peaks[:, None, :] - truth[None, :, :], axis=-1)
+    rows, cols = linear_sum_assignment(np.where(dist <= MATCH_RADIUS, dist, 1e6))
+    return int((dist[rows, cols] <= MATCH_RADIUS).sum()), len(peaks), len(truth)
+
+
+def score(run: Path, reference: Path, imported: Path) -> dict:
+    from cellnet.quiet import import_tensorflow
+
+    import_tensorflow()
+    from cellnet.classes import CELL_CLASSES, CLASSES
+    from cellnet.data.breastpathq import read_regions
+    from cellnet.errors import Problems
+    from cellnet.evaluation import metrics
+    from cellnet.evaluation.engine import segment_regions
+    from cellnet.training.runs import load_run_model
+
+    regions = {r.name: r for r in read_regions(imported, Problems("fail"))}
+    model = load_run_model(run)
+    inter, union = np.zeros(4, np.int64), np.zeros(4, np.int64)
+    det = {c: np.zeros(3, np.int64) for c in CELL_CLASSES}
+    for _, mask, maps, name in segment_regions(model, reference, "cells_val", progress=False):
+        i, u = metrics.jaccard_counts(mask[None], maps[None], 0.5)
+        inter, union = inter + i, union + u
+        region = regions[name]
+        for c in CELL_CLASSES:
+            det[c] += detection_counts(maps, region.points, region.labels, CLASSES.index(c))
+    jaccard = metrics.jaccard_from_counts(inter, union)
+    out = {f"jaccard_{c}": float(jaccard[c]) for c in CELL_CLASSES}
+    for c, (tp, npred, ntrue) in det.items():
+        out[f"f1_{c}"] = float(2 * tp / max(npred + ntrue, 1))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--src", default="../shared/real/brca-m2c")
+    parser.add_argument("--work", default="/tmp/loso")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--one", nargs=4, metavar=("PREPARED", "RUN", "LOSS", "REFERENCE"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    work = Path(args.work)
+    imported = work / "imported"
+    if args.one:
+        prepared, run, loss, reference = args.one
+        if not (Path(run) / "best.keras").is_file():
+            train_one(Path(prepared), Path(run), loss, args.epochs, args.seed)
+        print(json.dumps(score(Path(run), Path(reference), imported)))
+        return
+    if not imported.is_dir():
+        subprocess.run([sys.executable, "-m", "cellnet.cli", "import", "--format", "brca-m2c",
+                        "--src", args.src, "--out", str(imported)], check=True)
+    results_path = work / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    for site in SITES:
+        fold = work / f"fold_{site}"
+        make_fold(imported, fold / "data", site)
+        for variant in args.variants:
+            key = f"{site}/{variant}"
+            if key in results:
+                continue
+            loss, disc = VARIANTS[variant]
+            prepared = {d: fold / f"prepared_d{d:g}" for d in {disc, REFERENCE_DISC}}
+            for d, path in prepared.items():
+                if not (path / "manifest.json").is_file():
+                    subprocess.run([sys.executable, "-m", "cellnet.cli", "prepare", "--data", str(fold / "data"),
+                                    "--out", str(path), "--disc", str(d), "--quiet"], check=True)
+            run = fold / "runs" / f"{variant}_e{args.epochs}_s{args.seed}"
+            done = subprocess.run([sys.executable, "-m", "evaluate.site_ab", "--work", str(work),
+                                   "--epochs", str(args.epochs), "--seed", str(args.seed), "--one",
+                                   str(prepared[disc]), str(run), loss, str(prepared[REFERENCE_DISC])],
+                                  check=True, capture_output=True, text=True)
+            results[key] = json.loads(done.stdout.strip().splitlines()[-1])
+            results_path.write_text(json.dumps(results, indent=2))
+            print(key, results[key], flush=True)
+    for variant in args.variants:
+        rows = [results[f"{s}/{variant}"] for s in SITES if f"{s}/{variant}" in results]
+        if rows:
+            mean = {k: round(float(np.mean([r[k] for r in rows])), 3) for k in rows[0]}
+            print(variant, "mean over", len(rows), "folds:", mean)
+
+
+if __name__ == "__main__":
+    main()
