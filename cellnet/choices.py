@@ -2,6 +2,8 @@
 command line offers them, so ``cellnet --help`` lists them without importing TensorFlow."""
 from __future__ import annotations
 
+import os
+
 #: Residual units of the ResNet34 encoder (``cellnet.models.backbone``).
 UNITS: tuple[str, ...] = ("preact", "authors", "torchvision")
 #: Segmentation decoders.
@@ -11,3 +13,10 @@ ARCHS: tuple[str, ...] = ("resnet34", "resnet50", "xception")
 HEADS: tuple[str, ...] = ("regression", "classification")
 #: Output activation of the regression head (clipped to [0, 1] only when decoding and serving).
 REGRESSION_ACTIVATIONS: tuple[str, ...] = ("linear", "sigmoid")
+#: Suffixes of PyTorch-world ResNet34 files (torchvision ``.pth``, timm ``.safetensors``).
+TORCH_SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".safetensors")
+
+
+def is_torch_weights(path: str | os.PathLike | None) -> bool:
+    """A torchvision/timm state dict: it needs ``unit="torchvision"`` and ImageNet input scaling."""
+    return path is not None and os.fspath(path).endswith(TORCH_SUFFIXES)

@@ -139,3 +139,16 @@ def calibrate_batchnorm(model, x) -> None:
 def calibrate(model, images: np.ndarray) -> None:
     """``calibrate_batchnorm`` on uint8 full-resolution images, through the export's pixel path."""
     calibrate_batchnorm(model, graph_preprocess(images))
+
+
+def spread_head(model: keras.Model, images: np.ndarray) -> None:
+    """Rescale a linear ``cellularity`` head so its raw scores on ``images`` spread over [0.1, 0.9].
+
+    A random linear head scores outside [0, 1], where the served (clipped) score would match any
+    model; inside, the export must reproduce the Keras output itself.
+    """
+    raw = np.asarray(model(graph_preprocess(images)))[:, 0]
+    dense = model.get_layer("cellularity")
+    kernel, bias = dense.get_weights()
+    scale = 0.4 / max(float(np.abs(raw - raw.mean()).max()), 1e-6)
+    dense.set_weights([kernel * scale, scale * (bias - raw.mean()) + 0.5])

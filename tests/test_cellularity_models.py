@@ -1,9 +1,11 @@
 """Direct cellularity models, bin decoding and the SR cascade."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import keras
@@ -146,7 +148,7 @@ def test_cascade_phases_freeze_and_unfreeze_the_segmenter():
     assert cascade.phase == "head" and cascade.regressor.input.shape[-1] == 4
     calibrate_batchnorm(cascade, x)
     out = cascade(x, training=False).numpy()
-    assert out.shape == (2, 1) and ((0 <= out) & (out <= 1)).all()
+    assert out.shape == (2, 1) and np.isfinite(out).all()  # linear head: raw, not in [0, 1]
     # Head phase: only the regressor and the output layer train ...
     head = {id(v) for v in cascade.trainable_weights}
     assert head and not head & segmenter_weights
@@ -215,7 +217,8 @@ def test_heads_and_keras_files_reloading_in_a_fresh_process(tmp_path):
     for name, units in (("regression", 1), ("classification", NUM_BINS), ("cascade", 1)):
         predictions = expected[name][0]
         assert predictions.shape == (2, units) and predictions.dtype == np.float32
-        assert ((0 <= predictions) & (predictions <= 1)).all()
+    probs = expected["classification"][0]
+    assert ((0 <= probs) & (probs <= 1)).all()
     np.testing.assert_allclose(expected["classification"][0].sum(axis=1), 1.0, atol=1e-5)
     assert models["regression"].output_names == ["cellularity"]
     assert models["classification"].output_names == ["class_probs"]
@@ -226,3 +229,75 @@ def test_heads_and_keras_files_reloading_in_a_fresh_process(tmp_path):
         np.testing.assert_allclose(reloaded, predictions, rtol=1e-5, atol=1e-5)
         assert int(np.load(tmp_path / f"{name}.keras.trainable.npy")) == trainable
 
+
+
+# --- regression output activation ----------------------------------------------------------
+
+
+def _activation(model: keras.Model, layer: str = "cellularity") -> str:
+    return model.get_layer(layer).activation.__name__
+
+
+def test_regression_heads_are_linear_by_default_and_sigmoid_on_request():
+    segmenter = FPN(width=TINY)
+    direct = DirectCellularity("resnet34", "regression", input_shape=(32, 32, 3), width=TINY)
+    cascade = SRCascade(segmenter, width=TINY)
+    for model in (direct, cascade):
+        head = model.get_layer("cellularity")
+        assert isinstance(head, keras.layers.Dense) and head.units == 1
+        assert _activation(model) == "linear" and head.dtype_policy.compute_dtype == "float32"
+        assert model.get_config()["regression_activation"] == "linear"
+    sigmoid = {
+        "direct": DirectCellularity("resnet34", "regression", input_shape=(32, 32, 3), width=TINY,
+                                    regression_activation="sigmoid"),
+        "cascade": SRCascade(segmenter, width=TINY, regression_activation="sigmoid"),
+    }
+    for model in sigmoid.values():
+        assert _activation(model) == "sigmoid"
+        assert model.get_config()["regression_activation"] == "sigmoid"
+    # The classification head keeps its softmax whatever the regression activation.
+    classification = DirectCellularity("resnet34", "classification", input_shape=(32, 32, 3),
+                                       width=TINY, regression_activation="sigmoid")
+    assert _activation(classification, "class_probs") == "softmax"
+    with pytest.raises(CellnetError, match="regression_activation 'relu'.*linear, sigmoid"):
+        DirectCellularity(width=TINY, input_shape=(32, 32, 3), regression_activation="relu")
+    with pytest.raises(CellnetError, match="regression_activation 'tanh'"):
+        SRCascade(segmenter, width=TINY, regression_activation="tanh")
+
+
+def _drop_config_key(path: Path, key: str) -> None:
+    """Rewrite a .keras file as an older cellnet wrote it: the top-level model config without ``key``."""
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(members["config.json"])
+    del config["config"][key]
+    members["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+def test_models_saved_before_the_regression_activation_reload_with_their_sigmoid(tmp_path):
+    keras.utils.set_random_seed(4)
+    x = _images(n=2, size=64, seed=11)
+    segmenter = FPN(width=TINY)
+    calibrate_batchnorm(segmenter, x)
+    models = {
+        "direct": DirectCellularity("resnet34", "regression", input_shape=(64, 64, 3), width=TINY,
+                                    regression_activation="sigmoid"),
+        "cascade": SRCascade(segmenter, width=TINY, regression_activation="sigmoid"),
+    }
+    for name, model in models.items():
+        calibrate_batchnorm(model, x)
+        expected = model(x, training=False).numpy()
+        path = tmp_path / f"{name}.keras"
+        model.save(path)
+        _drop_config_key(path, "regression_activation")  # as written by cellnet 0.2
+        with zipfile.ZipFile(path) as archive:
+            assert "regression_activation" not in json.loads(archive.read("config.json"))["config"]
+        old = keras.saving.load_model(path)
+        assert type(old) is type(model) and old.regression_activation == "sigmoid"
+        assert _activation(old) == "sigmoid"
+        got = old(x, training=False).numpy()
+        assert np.abs(got[0] - got[1]).max() > 1e-4, name  # distinct outputs: equality means something
+        np.testing.assert_array_equal(got, expected)

@@ -20,11 +20,13 @@ import pytest
 import tensorflow as tf
 
 from cellnet.errors import CellnetError
-from cellnet.serving.export import BYTES_SIGNATURE, IMAGES_SIGNATURE, OUTPUTS, export_run, next_version
+from cellnet.serving.export import (BYTES_SIGNATURE, IMAGES_SIGNATURE, OUTPUTS, export_model, export_run,
+                                    next_version, serving_fn)
 from cellnet.models.features import FEATURE_NAMES, extract_features
-from cellnet.models import CellSegmenter, DirectCellularity, ResNet34Backbone, SRCascade, decode_bins_np
+from cellnet.models import (CellSegmenter, DirectCellularity, GBTCellularity, GBTEnsemble, ResNet34Backbone,
+                            SRCascade, decode_bins_np)
 from cellnet.preprocess import pad_to_multiple
-from conftest import calibrate, graph_preprocess
+from conftest import calibrate, graph_preprocess, spread_head
 
 TOLERANCE = 1e-5
 WIDTH = 0.125
@@ -63,7 +65,7 @@ def gbt_model(segmenter: CellSegmenter):
     brightness = np.linspace(40, 220, 4)
     images = patches(np.random.default_rng(1), brightness, 512)
     features = extract_features(segmenter(graph_preprocess(images))).numpy()
-    booster = fit_booster(features, brightness / 255, rounds=30, learning_rate=0.3)
+    booster = fit_booster(features, brightness / 255, rounds=30, learning_rate=0.3, min_child_weight=1)
     return GBTCellularity(segmenter, booster, name="gbt_cellularity"), booster
 
 
@@ -86,6 +88,8 @@ def exported(tmp_path_factory):
         calibrate(model, images)
     cascade = SRCascade(segmenter, width=WIDTH, name="sr_cascade")  # freezes the segmenter
     calibrate(cascade, calibration_large)
+    spread_head(regression, small)
+    spread_head(cascade, large)
     gbt, booster = gbt_model(segmenter)
     models = {"segmentation": segmenter, "regression": regression, "classification": classification,
               "cascade": cascade, "gbt": gbt}
@@ -99,11 +103,11 @@ def exported(tmp_path_factory):
     features = extract_features(seg_maps).numpy()
     expected = {
         "segmentation": {"masks": seg_maps},
-        "regression": {"cellularity": np.asarray(regression(prep(small)))[:, 0]},
+        "regression": {"cellularity": np.clip(np.asarray(regression(prep(small)))[:, 0], 0, 1)},
         "classification": {"class_probs": probs, "cellularity": decoded["cellularity"],
                            "interval": np.stack([decoded["low"], decoded["high"]], axis=-1)},
-        "cascade": {"cellularity": np.asarray(cascade(prep(large)))[:, 0], "masks": seg_maps},
-        "gbt": {"cellularity": xgboost_predict(booster, features), "masks": seg_maps},
+        "cascade": {"cellularity": np.clip(np.asarray(cascade(prep(large)))[:, 0], 0, 1), "masks": seg_maps},
+        "gbt": {"cellularity": np.clip(xgboost_predict(booster, features), 0, 1), "masks": seg_maps},
     }
     padded, _ = pad_to_multiple(prep(odd), 32)
     odd_expected = np.asarray(segmenter(padded))[:, :50, :35]
@@ -183,11 +187,61 @@ def test_export_matches_keras_in_a_fresh_process(exported, kind):
         np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0, err_msg=f"{kind} {name}")
 
 
+@pytest.mark.parametrize("kind", ["regression", "cascade", "gbt"])
+def test_reference_scores_lie_inside_0_1_so_the_clip_leaves_them(exported, kind):
+    # Otherwise the clipped served scores above could match a wrong model's.
+    score = exported["expected"][kind]["cellularity"]
+    assert ((0.01 < score) & (score < 0.99)).all() and np.ptp(score) > 1e-3, score
+
+
+def _raw_head(model: keras.Model, bias: float) -> None:
+    """Push the ``cellularity`` head's raw output to about ``bias`` (a small image-dependent spread)."""
+    dense = model.get_layer("cellularity")
+    kernel, _ = dense.get_weights()
+    dense.set_weights([kernel * 0.01, np.array([bias], np.float32)])
+
+
+def test_exported_regression_clips_a_raw_output_outside_0_1(tmp_path):
+    keras.utils.set_random_seed(3)
+    images = patches(np.random.default_rng(3), [60, 200], SMALL_PATCH)
+    model = DirectCellularity("resnet34", "regression", input_shape=(32, 32, 3), width=WIDTH)
+    calibrate(model, images)
+    for bias, served_value in ((2.0, 1.0), (-2.0, 0.0)):
+        _raw_head(model, bias)
+        raw = np.asarray(model(graph_preprocess(images)))[:, 0]
+        assert (raw > 1.5).all() if bias > 0 else (raw < -1.5).all()  # the Keras model is unclipped
+        path = export_model(model, "regression", tmp_path / f"bias{bias:+}", {})
+        served = tf.saved_model.load(str(path)).signatures["serving_default"](images=tf.constant(images))
+        assert served["cellularity"].dtype == tf.float32
+        np.testing.assert_array_equal(served["cellularity"].numpy(), [served_value] * len(images))
+
+
+def test_served_cascade_and_gbt_scores_are_clipped_to_0_1():
+    keras.utils.set_random_seed(5)
+    images = patches(np.random.default_rng(5), [80, 180], 512)
+    segmenter = CellSegmenter(ResNet34Backbone(width=WIDTH), decoder="fpn", name="fpn_segmenter")
+    cascade = SRCascade(segmenter, width=WIDTH, name="sr_cascade")
+
+    def stump(score: float) -> GBTEnsemble:  # one single-leaf tree: the tree sum is ``score``
+        return GBTEnsemble([[0]], [[0.0]], [[0]], [[0]], [[0]], [[0.5]], base_score=score - 0.5,
+                           depth=0, num_features=len(FEATURE_NAMES))
+
+    for raw, served_value in ((2.0, 1.0), (-2.0, 0.0)):
+        _raw_head(cascade, raw)
+        gbt = GBTCellularity(segmenter, stump(raw), name="gbt_cellularity")
+        np.testing.assert_allclose(np.asarray(gbt(graph_preprocess(images)))[:, 0], raw)  # raw tree sum
+        for kind, model in (("cascade", cascade), ("gbt", gbt)):
+            served = serving_fn(model, kind)(tf.constant(images))
+            np.testing.assert_array_equal(served["cellularity"].numpy(), [served_value] * len(images),
+                                          err_msg=kind)
+
+
 def test_gbt_export_agrees_with_xgboost_on_its_own_maps(exported):
     # Independent of the Keras reference: xgboost on the features of the maps the export returned.
     served = exported["served"]
     features = extract_features(served["gbt/masks"]).numpy()
-    np.testing.assert_allclose(served["gbt/cellularity"], xgboost_predict(exported["booster"], features),
+    np.testing.assert_allclose(served["gbt/cellularity"],
+                               np.clip(xgboost_predict(exported["booster"], features), 0, 1),
                                atol=TOLERANCE, rtol=0)
 
 
@@ -211,7 +265,7 @@ def test_bytes_signature_decodes_png_and_jpeg(exported):
     # must itself be close to the original pixels.
     pixels = exported["jpeg_pixels"]
     assert np.abs(pixels.astype(int) - exported["small"]).mean() < 4
-    jpeg_reference = np.asarray(exported["regression"](graph_preprocess(pixels)))[:, 0]
+    jpeg_reference = np.clip(np.asarray(exported["regression"](graph_preprocess(pixels)))[:, 0], 0, 1)
     np.testing.assert_allclose(served["bytes/jpg"], jpeg_reference, atol=TOLERANCE, rtol=0)
 
 

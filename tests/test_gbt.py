@@ -12,8 +12,8 @@ import xgboost
 from cellnet.errors import CellnetError
 from cellnet.models.features import FEATURE_NAMES
 from cellnet.models.gbt import GBTEnsemble
-from cellnet.training.boosting import PAPER_PARAMS, feature_importance, load_gbt, save_gbt
-from cellnet.training.boosting import fit_booster
+from cellnet.training.boosting import (LIGHTGBM_EQUIVALENTS, PAPER_PARAMS, TREE_PARAMS, dmatrix,
+                                      feature_importance, fit_booster, load_gbt, save_gbt)
 
 ROUNDS = 50
 THREADS = 1  # the test machine is shared: XGBoost's threads spin badly under contention
@@ -44,6 +44,67 @@ def test_paper_params():
     assert PAPER_PARAMS["learning_rate"] == 0.01 and PAPER_PARAMS["rounds"] == 600
     assert PAPER_PARAMS["max_depth"] == 5 and PAPER_PARAMS["max_leaves"] == 8
     assert PAPER_PARAMS["grow_policy"] == "lossguide" and PAPER_PARAMS["tree_method"] == "hist"
+    assert dict(TREE_PARAMS) == dict(LIGHTGBM_EQUIVALENTS)
+    assert {k: PAPER_PARAMS[k] for k in LIGHTGBM_EQUIVALENTS} == dict(LIGHTGBM_EQUIVALENTS)
+
+
+#: What XGBoost must report for the authors' lgbm.py settings (save_config names and strings).
+LIGHTGBM_IN_XGBOOST = {
+    "min_child_weight": "20",   # min_data_in_leaf=20 (LightGBM default)
+    "reg_lambda": "0",          # lambda_l2=0 (LightGBM default; XGBoost's is 1)
+    "lambda": "0",
+    "reg_alpha": "0",           # lambda_l1=0
+    "alpha": "0",
+    "gamma": "0",               # min_gain_to_split=0
+    "min_split_loss": "0",
+    "max_bin": "255",           # max_bin=255 (XGBoost's default is 256)
+    "max_delta_step": "0",      # max_delta_step=0
+    "colsample_bytree": "0.949999988",  # feature_fraction=0.95 (float32)
+    "subsample": "1",           # bagging_fraction=0.5 with bagging_freq=0: no bagging
+    "grow_policy": "lossguide",  # leaf-wise growth
+    "max_leaves": "8",          # num_leaves=8
+    "max_depth": "5",           # max_depth=5
+    "learning_rate": "0.00999999978",  # learning_rate=0.01 (float32)
+}
+
+
+def test_lightgbm_settings_reach_xgboost():
+    x, y = synthetic(np.random.default_rng(9), 120)
+    model = fit_booster(x, y, nthread=THREADS)  # the paper's settings, nothing overridden
+    config = json.loads(model.save_config())["learner"]
+    tree = config["gradient_booster"]["tree_train_param"]
+    assert {key: tree[key] for key in LIGHTGBM_IN_XGBOOST} == LIGHTGBM_IN_XGBOOST
+    assert config["gradient_booster"]["gbtree_train_param"]["tree_method"] == "hist"
+    assert config["objective"]["name"] == "reg:squarederror"
+    assert model.num_boosted_rounds() == 600  # the paper's rounds (lgbm.py: 6000)
+    # boost_from_average (LightGBM's default for regression): the first prediction is the mean.
+    base = float(json.loads(config["learner_model_param"]["base_score"])[0])
+    assert base == pytest.approx(float(y.mean()), abs=1e-5)
+    # An override still wins over the mapping.
+    tuned = fit_booster(x, y, rounds=2, min_child_weight=5, reg_lambda=1.0, nthread=THREADS)
+    tree = json.loads(tuned.save_config())["learner"]["gradient_booster"]["tree_train_param"]
+    assert tree["min_child_weight"] == "5" and tree["reg_lambda"] == "1"
+
+
+def leaf_sizes(model: xgboost.Booster, x: np.ndarray) -> list[int]:
+    """Training rows per leaf, over every leaf of every tree (XGBoost's pred_leaf indices)."""
+    leaves = model.predict(dmatrix(x), pred_leaf=True).astype(int)  # (rows, trees)
+    return [count for tree in leaves.T for count in np.unique(tree, return_counts=True)[1]]
+
+
+@pytest.mark.parametrize("min_rows", [7, 20])
+def test_min_child_weight_counts_training_rows_per_leaf(min_rows):
+    # A target that rewards tiny leaves: 60 rows in steps of 3, fitted hard (learning rate 1).
+    rng = np.random.default_rng(10)
+    x = rng.random((60, 81)).astype(np.float32)
+    y = (np.floor(x[:, 0] * 20) % 2 + 0.5 * (x[:, 1] > 0.9)).astype(np.float32)
+    loose = fit_booster(x, y, rounds=5, learning_rate=1.0, min_child_weight=1, nthread=THREADS)
+    assert min(leaf_sizes(loose, x)) < min_rows  # unconstrained, the trees do make smaller leaves
+    kwargs = {} if min_rows == PAPER_PARAMS["min_child_weight"] else {"min_child_weight": min_rows}
+    model = fit_booster(x, y, rounds=5, learning_rate=1.0, nthread=THREADS, **kwargs)
+    sizes = leaf_sizes(model, x)
+    assert min(sizes) >= min_rows, sizes
+    assert max(sizes) < len(x)  # the trees did split
 
 
 def test_training_beats_mean_baseline_and_respects_tree_limits():

@@ -16,7 +16,7 @@ from cellnet.data.imageio import read_rgb, write_image
 from cellnet.serving.predict import predict
 from cellnet.models import CellSegmenter, DirectCellularity, ResNet34Backbone, decode_bins_np
 from cellnet.evaluation.plots import overlay_rgb
-from conftest import calibrate, graph_preprocess
+from conftest import calibrate, graph_preprocess, spread_head
 
 WIDTH = 0.125
 PATCH = 64  # full resolution; the tiny direct models take 32x32 at working resolution
@@ -45,6 +45,8 @@ def models(tmp_path_factory):
     for kind, model in built.items():
         size = 128 if kind == "segmentation" else PATCH
         calibrate(model, rng.integers(0, 256, (16, size, size, 3), dtype=np.uint8))
+    # scores inside (0, 1), where serving's clip to [0, 1] leaves the model's own output
+    spread_head(built["regression"], rng.integers(0, 256, (16, PATCH, PATCH, 3), dtype=np.uint8))
     return {kind: (model, export(root, kind, model)) for kind, model in built.items()}
 
 

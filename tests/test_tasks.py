@@ -148,3 +148,30 @@ def test_mirrored_strategy_on_two_logical_cpus(synth_prepared, tmp_path):
     result = subprocess.run([sys.executable, "-c", MIRRORED, str(synth_prepared), str(tmp_path / "seg"),
                              str(REPO / "tests")], capture_output=True, text=True, timeout=300)
     assert "REPLICAS 2 complete" in result.stdout, result.stderr[-2000:]
+
+
+def test_segmentation_starts_from_a_torchvision_imagenet_file(synth_prepared, tmp_path):
+    """`--unit torchvision --init imagenet:X.safetensors`: the file's tensors start the run."""
+    from test_pretrained import _state_dict, _write_safetensors
+
+    state = _state_dict(seed=3)
+    weights = _write_safetensors(state, tmp_path / "model.safetensors")
+    run = tmp_path / "seg"
+    train_segmentation(tiny_config("segmentation", synth_prepared, run, width=1.0, unit="torchvision",
+                                   init=f"imagenet:{weights}", epochs=1, steps_per_epoch=1, batch_size=2))
+    model = keras.saving.load_model(run / "best.keras", compile=False)
+    backbone = model.backbone
+    assert backbone.unit == "torchvision" and backbone.input_norm == "imagenet"
+    kernel = backbone.get_layer("stage3_unit1_downsample_conv").get_weights()[0]
+    source = state["layer2.0.downsample.0.weight"].transpose(2, 3, 1, 0)
+    assert np.abs(kernel - source).max() < 0.01 < np.abs(source).max()  # one Adam step away
+    assert json.loads((run / "config.json").read_text())["unit"] == "torchvision"
+
+
+def test_a_torchvision_file_needs_the_torchvision_unit(synth_prepared, tmp_path):
+    weights = tmp_path / "resnet34.pth"
+    weights.write_bytes(b"")
+    with pytest.raises(CellnetError, match=r"^--init imagenet:.*resnet34.pth: a torchvision/timm ResNet34 file "
+                                           r"needs --unit torchvision \(not preact\)"):
+        train_segmentation(tiny_config("segmentation", synth_prepared, tmp_path / "seg", init=f"imagenet:{weights}"))
+    assert not (tmp_path / "seg").exists()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import tensorflow as tf
 from tqdm import tqdm
@@ -18,8 +17,12 @@ from cellnet.preprocess import IMAGES_SPEC, pad_to_multiple, to_model_input
 
 def predict_patches(model, kind: str, prepared: Path, split: str, batch_size: int = 16,
                     progress: bool = True) -> pd.DataFrame:
-    """Cellularity of every patch of a split (working-resolution uint8 -> [-1, 1] -> model)."""
-    from cellnet.models.cellularity import decode_bins
+    """Cellularity of every patch of a split (working-resolution uint8 -> [-1, 1] -> model).
+
+    ``p`` is clipped to [0, 1] as the export serves it (``clip_score``), so evaluation scores
+    what users get from a linear head or the GBT's tree sums.
+    """
+    from cellnet.models.cellularity import clip_score, decode_bins
 
     @tf.function(input_signature=[IMAGES_SPEC])
     def run(images):
@@ -27,8 +30,8 @@ def predict_patches(model, kind: str, prepared: Path, split: str, batch_size: in
         out = tf.cast(out, tf.float32)
         if kind == "classification":
             decoded = decode_bins(out)
-            return decoded["cellularity"], decoded["low"], decoded["high"]
-        p = tf.reshape(out, [-1])
+            return clip_score(decoded["cellularity"]), decoded["low"], decoded["high"]
+        p = clip_score(tf.reshape(out, [-1]))
         return p, p, p
 
     rows = []
@@ -40,7 +43,7 @@ def predict_patches(model, kind: str, prepared: Path, split: str, batch_size: in
                 rows.append({"slide": batch["slide"][i].numpy().decode(), "rid": batch["rid"][i].numpy().decode(),
                              "patient": batch["patient"][i].numpy().decode(),
                              "y_true": float(batch["y"][i]), "truth": float(batch["truth"][i]),
-                             "p": float(np.clip(p[i], 0, 1)),
+                             "p": float(p[i]),
                              **({"low": float(low[i]), "high": float(high[i])} if kind == "classification" else {})})
             bar.update(len(p))
     return pd.DataFrame(rows)

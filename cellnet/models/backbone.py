@@ -22,6 +22,7 @@ import h5py
 import keras
 from keras import layers, ops
 
+from cellnet.choices import UNITS, is_torch_weights
 from cellnet.errors import CellnetError
 
 #: BatchNormalization momentum. The authors' released code is PyTorch, whose default (0.1 for the
@@ -32,7 +33,6 @@ BN_MOMENTUM = 0.9
 STAGE_BLOCKS: tuple[int, ...] = (3, 4, 6, 3)
 STAGE_FILTERS: tuple[int, ...] = (64, 128, 256, 512)
 STEM_FILTERS = 64
-UNITS: tuple[str, ...] = ("preact", "authors", "torchvision")
 KERNEL_INITIALIZER = "he_normal"
 #: torchvision's BatchNorm2d epsilon (Keras's default is 1e-3), used by the torchvision unit.
 TORCH_BN_EPSILON = 1e-5
@@ -433,7 +433,7 @@ def load_backbone_weights(backbone: ResNet34Backbone, path: str | os.PathLike) -
                 f"{path}: cannot be read as a Keras model ({error}); {_HOW_TO_MAKE}"
             ) from None
         _copy_by_name(backbone, source, path)
-    elif path.endswith((".pth", ".pt", ".safetensors")):
+    elif is_torch_weights(path):
         from cellnet.models.pretrained import load_torchvision_weights  # it imports this module
 
         load_torchvision_weights(backbone, path)

@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from cellnet.choices import REGRESSION_ACTIVATIONS
 from cellnet.errors import CellnetError
 from cellnet.models.backbone import (CHANNEL_MULTIPLE, ResNet34Backbone, load_backbone_weights,
                                      set_trainable)
@@ -26,6 +27,8 @@ CDF_TOLERANCE = 1e-6
 ARCHS: tuple[str, ...] = ("resnet34", "resnet50", "xception")
 HEADS: tuple[str, ...] = ("regression", "classification")
 PHASES: tuple[str, ...] = ("head", "finetune")
+#: Regression output activation of files saved before the choice existed (cellnet <= 0.2).
+LEGACY_REGRESSION_ACTIVATION = "sigmoid"
 #: Per-channel BGR means of the Caffe-style ImageNet preprocessing used by keras ResNet50.
 CAFFE_BGR_MEANS = (103.939, 116.779, 123.68)
 
@@ -64,12 +67,32 @@ class SelectChannels(layers.Layer):
         return config
 
 
-def cellularity_head(x, head: str):
-    """Global average pooling -> Dense(1, sigmoid) or Dense(101, softmax), float32."""
+def check_regression_activation(activation: str) -> str:
+    if activation not in REGRESSION_ACTIVATIONS:
+        raise CellnetError(f"regression_activation {activation!r}: expected one of "
+                           f"{', '.join(REGRESSION_ACTIVATIONS)}")
+    return activation
+
+
+def cellularity_head(x, head: str, regression_activation: str = "linear"):
+    """Global average pooling -> Dense(1, linear|sigmoid) or Dense(101, softmax), float32.
+
+    The regression output is raw (linear by default, as in the authors' code): losses and
+    metrics see it unclipped; ``clip_score`` bounds it where a score reaches a user.
+    """
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     if head == "regression":
-        return layers.Dense(1, activation="sigmoid", dtype="float32", name="cellularity")(x)
+        return layers.Dense(1, activation=check_regression_activation(regression_activation),
+                            dtype="float32", name="cellularity")(x)
     return layers.Dense(NUM_BINS, activation="softmax", dtype="float32", name="class_probs")(x)
+
+
+def clip_score(score):
+    """A cellularity score as users get it: clipped to [0, 1] (export, evaluation).
+
+    A linear head and the GBT's tree sums can leave [0, 1]; a cellularity cannot.
+    """
+    return tf.clip_by_value(tf.cast(score, tf.float32), 0.0, 1.0)
 
 
 def _applications_encoder(arch: str, weights: str | None, input_shape: tuple) -> keras.Model:
@@ -96,13 +119,19 @@ class DirectCellularity(keras.Model):
             (``keras.applications``, randomly initialised unless ``weights`` is given;
             resnet50 converts its [-1, 1] input to the Caffe-style input of its ImageNet
             weights inside the model).
-        head: ``"regression"`` -> ``cellularity`` (N, 1) in [0, 1];
-            ``"classification"`` -> ``class_probs`` (N, 101) over bins 0.00..1.00
-            (turn into a score and an interval with ``decode_bins``).
+        head: ``"regression"`` -> ``cellularity`` (N, 1), raw (``clip_score`` bounds it
+            to [0, 1] when served); ``"classification"`` -> ``class_probs`` (N, 101) over
+            bins 0.00..1.00 (turn into a score and an interval with ``decode_bins``).
+        regression_activation: the regression head's output, ``"linear"`` (the default, as
+            in the authors' code) or ``"sigmoid"`` (cellnet <= 0.2; files saved then reload
+            with it). The classification head ignores it (softmax).
         input_shape: image shape; inputs are float images in [-1, 1].
         width: channel multiplier of the resnet34 backbone (other archs ignore it).
-        unit: residual unit of the resnet34 backbone (``"preact"``, ``"authors"``).
+        unit: residual unit of the resnet34 backbone (``"preact"``, ``"authors"``,
+            ``"torchvision"``).
         channel_multiple: channel rounding of the resnet34 backbone (see ``scaled_filters``).
+        input_norm: the resnet34 backbone's input scaling: ``"none"``, or ``"imagenet"`` for
+            torchvision/timm ImageNet weights (their mean/std normalisation, inside the model).
         weights: ``None`` (He initialisation) or a LOCAL weights file for the encoder:
             for resnet34 see ``load_backbone_weights``, for resnet50/xception a
             keras.applications no-top ``.h5``. Never downloaded: ``"imagenet"`` is refused.
@@ -128,8 +157,11 @@ class DirectCellularity(keras.Model):
         weights: str | None = None,
         unit: str = "preact",
         channel_multiple: int | None = CHANNEL_MULTIPLE,
+        regression_activation: str = "linear",
+        input_norm: str = "none",
         **kwargs,
     ):
+        check_regression_activation(regression_activation)
         if arch not in ARCHS:
             raise CellnetError(f"arch {arch!r}: expected one of {', '.join(ARCHS)}")
         if head not in HEADS:
@@ -147,7 +179,8 @@ class DirectCellularity(keras.Model):
         # === Layers ===
         if arch == "resnet34":
             self.encoder = ResNet34Backbone(input_channels=input_shape[-1], unit=unit, width=width,
-                                            channel_multiple=channel_multiple, name="encoder")
+                                            channel_multiple=channel_multiple, input_norm=input_norm,
+                                            name="encoder")
             if weights is not None:
                 load_backbone_weights(self.encoder, weights)
         else:
@@ -159,7 +192,7 @@ class DirectCellularity(keras.Model):
         if arch == "resnet50":
             x = CaffePreprocessing(name="caffe_preprocessing")(x)
         x = self.encoder(x)
-        outputs = cellularity_head(x, head)
+        outputs = cellularity_head(x, head, regression_activation)
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
         if not trainable:
             set_trainable(self, False)
@@ -171,6 +204,8 @@ class DirectCellularity(keras.Model):
         self.width = width
         self.unit = unit
         self.channel_multiple = channel_multiple
+        self.regression_activation = regression_activation
+        self.input_norm = input_norm
 
     def get_config(self) -> dict:
         # Weights travel in the .keras file; the config rebuilds a randomly initialised model.
@@ -183,12 +218,16 @@ class DirectCellularity(keras.Model):
             "width": self.width,
             "unit": self.unit,
             "channel_multiple": self.channel_multiple,
+            "regression_activation": self.regression_activation,
+            "input_norm": self.input_norm,
         }
 
     @classmethod
     def from_config(cls, config: dict) -> "DirectCellularity":
-        # files saved before channel_multiple existed keep their old channel counts
-        return cls(**{"channel_multiple": None, **config})
+        # files saved before channel_multiple existed keep their old channel counts, and those
+        # saved before regression_activation existed their sigmoid (their weights learnt with it)
+        return cls(**{"channel_multiple": None,
+                      "regression_activation": LEGACY_REGRESSION_ACTIVATION, **config})
 
 
 @keras.saving.register_keras_serializable(package="cellnet")
@@ -196,7 +235,8 @@ class SRCascade(keras.Model):
     """Segmentation -> regression cascade (paper 3.2, "ResNet34 (SR)").
 
     image [-1, 1] -> ``segmenter`` -> its 4 maps (3 without background) -> a randomly
-    initialised ResNet34-ELU -> global average pooling -> ``cellularity`` (N, 1) in [0, 1].
+    initialised ResNet34-ELU -> global average pooling -> ``cellularity`` (N, 1), raw
+    (``clip_score`` bounds it to [0, 1] when served).
 
     Train in two phases: ``set_phase("head")`` (the default) freezes the segmenter, which then
     runs in inference mode (BatchNormalization and its dropout are off); ``set_phase("finetune")``
@@ -211,6 +251,8 @@ class SRCascade(keras.Model):
         drop_background: feed only normal/lymphocyte/malignant (for a 3-channel encoder,
             e.g. one initialised from ImageNet).
         phase: ``"head"`` or ``"finetune"``.
+        regression_activation: ``"linear"`` (the default, as in the authors' code) or
+            ``"sigmoid"`` (cellnet <= 0.2; files saved then reload with it).
         **kwargs: passed to ``keras.Model``.
 
     Attributes:
@@ -227,8 +269,10 @@ class SRCascade(keras.Model):
         phase: str = "head",
         unit: str = "preact",
         channel_multiple: int | None = CHANNEL_MULTIPLE,
+        regression_activation: str = "linear",
         **kwargs,
     ):
+        check_regression_activation(regression_activation)
         channels = segmenter.output.shape[-1] - (1 if drop_background else 0)
         trainable = kwargs.pop("trainable", True)
 
@@ -245,7 +289,7 @@ class SRCascade(keras.Model):
         if self.select is not None:
             x = self.select(x)
         x = self.regressor(x)
-        outputs = cellularity_head(x, "regression")
+        outputs = cellularity_head(x, "regression", regression_activation)
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
 
         # === Config ===
@@ -254,6 +298,7 @@ class SRCascade(keras.Model):
         self.unit = unit
         self.channel_multiple = channel_multiple
         self.drop_background = drop_background
+        self.regression_activation = regression_activation
         self.set_phase(phase)
         if not trainable:
             set_trainable(self, False)
@@ -275,11 +320,14 @@ class SRCascade(keras.Model):
             "phase": self.phase,
             "unit": self.unit,
             "channel_multiple": self.channel_multiple,
+            "regression_activation": self.regression_activation,
         }
 
     @classmethod
     def from_config(cls, config: dict) -> "SRCascade":
-        config = {"channel_multiple": None, **config}  # files saved before it keep their shapes
+        # files saved before these keys existed keep their shapes and their sigmoid
+        config = {"channel_multiple": None,
+                  "regression_activation": LEGACY_REGRESSION_ACTIVATION, **config}
         config["segmenter"] = keras.saving.deserialize_keras_object(config["segmenter"])
         return cls(**config)
 

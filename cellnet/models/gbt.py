@@ -165,6 +165,8 @@ class GBTCellularity(keras.Model):
     """The GBT method end to end: image -> segmenter -> 81 features -> tree ensemble.
 
     One graph from pixels to score, so the GBT exports and serves like the other methods.
+    The score is the raw tree sum, which can leave [0, 1]; the export and the evaluation engine
+    clip it (``cellnet.models.cellularity.clip_score``) as they do the linear regression heads.
 
     Args:
         segmenter: a trained ``CellSegmenter`` (frozen: the trees are fitted on its maps).
@@ -174,7 +176,7 @@ class GBTCellularity(keras.Model):
     Example:
     ```python
     model = GBTCellularity(segmenter, booster)   # booster from train_gbt on extract_features
-    p = model.predict(images_in_minus1_1)        # (N, 1)
+    p = model.predict(images_in_minus1_1)        # (N, 1), raw tree sums
     ```
     """
 

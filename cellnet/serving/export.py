@@ -17,6 +17,10 @@ classification  ``cellularity`` [N], ``class_probs`` [N, 101], ``interval`` [N, 
 cascade, gbt    ``cellularity`` [N] and their segmenter's ``masks``
 ==============  ====================================================================
 
+``cellularity`` is always clipped to [0, 1] (``cellnet.models.cellularity.clip_score``): a
+linear regression head and the GBT's tree sums can leave it; the trained models' raw outputs
+(what their losses saw) are not changed.
+
 Cellularity models take patches of the training size only (512x512 at full resolution); any
 other size fails inside the graph with a message saying so. Segmenters take any size: the input
 is padded to a multiple of 32 and the maps are cropped back.
@@ -37,6 +41,7 @@ import tensorflow as tf
 from cellnet.errors import CellnetError, bad
 from cellnet.files import atomic_dir, writing
 from cellnet.models import decode_bins
+from cellnet.models.cellularity import clip_score
 from cellnet.preprocess import DOWNSAMPLE, IMAGES_SPEC, PATCH_SIZE, full_res_to_model_input, pad_to_multiple
 
 KINDS: tuple[str, ...] = ("segmentation", "regression", "classification", "cascade", "gbt")
@@ -130,9 +135,9 @@ def serving_fn(model: keras.Model, kind: str) -> tf.types.experimental.GenericFu
             return {"masks": raw["masks"][:, :size[0], :size[1], :]}
         if kind == "classification":
             decoded = decode_bins(raw["class_probs"])
-            return {"cellularity": decoded["cellularity"], "class_probs": raw["class_probs"],
+            return {"cellularity": clip_score(decoded["cellularity"]), "class_probs": raw["class_probs"],
                     "interval": tf.stack([decoded["low"], decoded["high"]], axis=-1)}
-        outputs = {"cellularity": raw["cellularity"][:, 0]}
+        outputs = {"cellularity": clip_score(raw["cellularity"][:, 0])}
         if "masks" in raw:
             outputs["masks"] = raw["masks"]
         return outputs

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from cellnet.choices import is_torch_weights
 from cellnet.errors import CellnetError, bad
 from cellnet.training.presets import preset
 
@@ -90,6 +91,12 @@ class NetworkConfig(RunConfig):
     width: float | None = None
     unit: str | None = None
 
+    def validate(self) -> None:
+        super().validate()
+        if self.init.startswith("imagenet:") and is_torch_weights(self.init) and self.unit != "torchvision":
+            raise CellnetError(f"--init {self.init}: a torchvision/timm ResNet34 file needs --unit torchvision "
+                               f"(not {self.unit}): its layers are conv -> BN -> activation")
+
 
 @dataclass
 class SegmentationConfig(NetworkConfig):
@@ -112,6 +119,11 @@ class CellularityConfig(NetworkConfig):
     head: str = "regression"
     regression_activation: str = "linear"
     target: str = "y"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.head == "classification" and self.regression_activation != "linear":
+            raise CellnetError("--regression-activation: does not apply to --head classification (softmax over bins)")
 
 
 @dataclass

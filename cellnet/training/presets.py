@@ -30,6 +30,10 @@ PRESETS: dict[str, dict[str, dict]] = {
         "cpu": dict(epochs=4, finetune_epochs=1, batch_size=16, lr=2e-3, lr_final=2e-4,
                     finetune_lr=2e-4, width=0.25, unit="preact", steps_per_epoch=None),
     },
+    # XGBoost names for the paper's LightGBM numbers (the rest of the mapping, from the authors'
+    # lgbm.py, is LIGHTGBM_EQUIVALENTS in cellnet.training.boosting): rounds = num_boost_round
+    # (the paper's 600; lgbm.py has NUM_ROUND = 6000), learning_rate = learning_rate,
+    # max_depth = max_depth, max_leaves = num_leaves. batch_size is the feature extraction's.
     "gbt": {
         "paper": dict(rounds=600, learning_rate=0.01, max_depth=5, max_leaves=8, batch_size=16),
         "cpu": dict(rounds=600, learning_rate=0.01, max_depth=5, max_leaves=8, batch_size=16),

@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cellnet.choices import is_torch_weights
 from cellnet.classes import CELL_CLASSES, CLASSES
 from cellnet.data.pipeline import cellularity_dataset, patch_records, segmentation_dataset, split_count
 from cellnet.data.records import ensure_prepared
@@ -73,7 +74,8 @@ def train_segmentation(cfg: SegmentationConfig) -> dict:
     if preview.dtype != tf.uint8:
         preview = tf.cast(preview * 255.0, tf.uint8)
     with strategy.scope():
-        backbone = ResNet34Backbone(unit=cfg.unit, width=cfg.width, name="backbone")
+        backbone = ResNet34Backbone(unit=cfg.unit, width=cfg.width, name="backbone",
+                                    input_norm="imagenet" if is_torch_weights(init_path) else "none")
         if init_path:
             load_backbone_weights(backbone, init_path)
         model = CellSegmenter(backbone, decoder=cfg.decoder, name=f"{cfg.decoder}_segmenter")
@@ -129,6 +131,8 @@ def train_cellularity(cfg: CellularityConfig | CascadeConfig) -> dict:
     train_ds, val_ds, steps = _cellularity_data(cfg, prepared)
     with strategy.scope():
         model = DirectCellularity(arch=cfg.arch, head=cfg.head, width=cfg.width, unit=cfg.unit,
+                                  regression_activation=cfg.regression_activation,
+                                  input_norm="imagenet" if is_torch_weights(init_path) else "none",
                                   weights=init_path, name=f"{cfg.arch}_{cfg.head}")
         trainer = AugmentedTrainer(model, augment=cfg.augment_on == "device", seed=cfg.seed)
         _cellularity_compile(trainer, cfg.head, lr_schedule(cfg.lr, cfg.lr_final, cfg.epochs * steps), cfg.jit)
@@ -160,7 +164,9 @@ def train_cascade(cfg: CascadeConfig) -> dict:
         if info.get("head_complete"):
             cascade = load_run_model(run, "head_best")
         else:
+            # ImageNet weights take 3 channels: the background map is dropped, as in the paper
             cascade = SRCascade(load_run_model(cfg.seg), width=cfg.width, unit=cfg.unit,
+                                regression_activation=cfg.regression_activation,
                                 drop_background=init_path is not None, name="sr_cascade")
             if init_path:
                 from cellnet.models import load_backbone_weights
