@@ -16,12 +16,27 @@ from cellnet.training.presets import PRESETS
 #: Weak-mask disc diameter in working-resolution px (SPEC 2.3); the authors drew r = 12 at full
 #: resolution, about 12.5 px across at working resolution.
 DISC_HELP = "weak-mask disc diameter, working-resolution px (default 15; the authors' code: 12.5)"
+GROUP_HELP = ("hold out whole groups for validation: patient, site (TCGA tissue-source site) or a regex "
+              "(its first group, searched in patient ids and region names); ignores cells/split.csv")
 
 
 def _unit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unit", choices=UNITS,
                    help="ResNet34 residual unit: preact (BN-ELU-conv, default), authors (conv-ELU-BN, "
                         "the released code), torchvision (conv-BN-ELU; for --init imagenet:*.pth|*.safetensors)")
+
+
+def _stain_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("stain augmentation (in the training step, per example; 0 disables one op)")
+    g.add_argument("--stain-aug", action="store_true", default=None,
+                   help="turn on the light defaults: HED 0.05 (Tellez et al. 2018), brightness 0.1, contrast 0.1, "
+                        "blur sigma <= 1 on 30%% of images, noise <= 0.02")
+    g.add_argument("--hed", type=float, metavar="X", help="HED optical-density jitter: scale 1 +- X and shift +- X per stain")
+    g.add_argument("--brightness", type=float, metavar="X", help="additive brightness +- X (images in [0, 1])")
+    g.add_argument("--contrast", type=float, metavar="X", help="contrast factor 1 +- X around each image's mean")
+    g.add_argument("--blur", type=float, metavar="X", help="largest Gaussian blur sigma, working-resolution px")
+    g.add_argument("--blur-prob", type=float, metavar="X", help="share of images blurred")
+    g.add_argument("--noise", type=float, metavar="X", help="largest Gaussian noise std")
 
 
 def _common_train(p: argparse.ArgumentParser) -> None:
@@ -41,6 +56,7 @@ def _common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment-on", default="device", choices=["device", "cpu"],
                    help="augment batches in the training step (device, default) or in tf.data (cpu)")
     p.add_argument("--on-bad", default="fail", choices=["fail", "skip"], help="bad input: stop, or skip and count")
+    p.add_argument("--group-by", metavar="patient|site|REGEX", help=GROUP_HELP + "; for --data prepared on the fly")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines or progress bars")
 
 
@@ -70,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of train/ patients held for validation")
     p.add_argument("--disc", type=float, default=15.0, help=DISC_HELP)
+    p.add_argument("--group-by", metavar="patient|site|REGEX", help=GROUP_HELP)
     p.add_argument("--on-bad", default="fail", choices=["fail", "skip"])
     p.add_argument("--quiet", action="store_true")
 
@@ -78,11 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     t = tsub.add_parser("segmentation", help="weakly supervised nuclei segmentation (paper 3.1)")
     _common_train(t)
     _unit(t)
+    _stain_flags(t)
     t.add_argument("--decoder", default="fpn", choices=DECODERS)
     t.add_argument("--disc", type=float, help=DISC_HELP + "; for --data prepared on the fly")
     t = tsub.add_parser("cellularity", help="direct cellularity model, or the SR cascade with --seg")
     _common_train(t)
     _unit(t)
+    _stain_flags(t)
     t.add_argument("--arch", choices=ARCHS, help="direct model (default resnet34)")
     t.add_argument("--head", choices=HEADS, help="direct model (default regression)")
     t.add_argument("--regression-activation", choices=REGRESSION_ACTIVATIONS,
@@ -93,9 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common_train(t)
     t.add_argument("--seg", required=True, help="segmentation RUN")
 
-    p = sub.add_parser("evaluate", help="score runs on held-out patients; report with Tables 1-3")
-    p.add_argument("--data", required=True)
-    p.add_argument("--runs", required=True, nargs="+")
+    p = sub.add_parser("evaluate", help="score runs on held-out patients (Tables 1-3), or a segmenter "
+                                        "SavedModel on any cells/ folder")
+    p.add_argument("--data", required=True, help="--runs: dataset or prepared records; --model: any folder "
+                                                 "with cells/ (e.g. a `cellnet import` output)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--runs", nargs="+", help="run folders to score and report")
+    which.add_argument("--model", help="saved_models/NAME[/VERSION] of a segmenting export: scores every region "
+                                       "(Jaccard with 15-px discs, per-image Jaccard, point detection)")
     p.add_argument("--out", required=True)
     p.add_argument("--split", default="eval", help="prepared split to score (default eval = validation/)")
     p.add_argument("--seed", type=int, default=0)
@@ -146,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "prepare":
         from cellnet.data.records import prepare
         manifest = prepare(args.data, args.out, seed=args.seed, val_fraction=args.val_fraction,
-                           on_bad=args.on_bad, diameter=args.disc, progress=not quiet)
+                           on_bad=args.on_bad, diameter=args.disc, group_by=args.group_by,
+                           progress=not quiet)
         counts = ", ".join(f"{k} {v['count']}" for k, v in manifest["splits"].items())
         print(f"wrote {args.out}: {counts}")
         if manifest["summary"]:
@@ -162,6 +187,10 @@ def run(args: argparse.Namespace) -> int:
         info = job(cfg)
         print(f"run complete: {args.run} ({info.get('kind')}, best epoch {info.get('best_epoch', '-')}, "
               f"{info.get('best', info.get('val_mse', ''))})")
+    elif args.command == "evaluate" and args.model:
+        from cellnet.evaluation.folder import evaluate_folder
+        summary = evaluate_folder(args.data, args.model, args.out, progress=not quiet)
+        print(f"scored {summary['regions']} region(s): {summary['csv']}")
     elif args.command == "evaluate":
         from cellnet.evaluation.report import evaluate
         out = evaluate(args.data, args.runs, args.out, split=args.split, seed=args.seed, progress=not quiet)

@@ -301,3 +301,22 @@ def test_models_saved_before_the_regression_activation_reload_with_their_sigmoid
         got = old(x, training=False).numpy()
         assert np.abs(got[0] - got[1]).max() > 1e-4, name  # distinct outputs: equality means something
         np.testing.assert_array_equal(got, expected)
+
+
+def test_direct_resnet34_from_a_torchvision_file_normalises_its_input_like_imagenet(tmp_path):
+    from test_pretrained import _state_dict, _write_safetensors
+
+    state = _state_dict(seed=5)
+    weights = _write_safetensors(state, tmp_path / "model.safetensors")
+    model = DirectCellularity("resnet34", "regression", input_shape=(32, 32, 3), unit="torchvision",
+                              input_norm="imagenet", weights=weights)
+    encoder = model.get_layer("encoder")
+    assert encoder.get_layer("imagenet_norm") is not None
+    np.testing.assert_array_equal(encoder.get_layer("stem_conv").get_weights()[0],
+                                  state["conv1.weight"].transpose(2, 3, 1, 0))
+    path = tmp_path / "direct.keras"
+    model.save(path)
+    again = keras.saving.load_model(path, compile=False)
+    assert again.get_config()["input_norm"] == "imagenet"
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(np.asarray(again(x)), np.asarray(model(x)), atol=1e-6)

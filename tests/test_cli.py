@@ -133,3 +133,39 @@ def test_unit_defaults_to_preact_and_prepare_disc_to_15(tmp_path):
     assert build_parser().parse_args(["prepare", "--data", "d", "--out", "o"]).disc == 15.0
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "segmentation", "--data", "d", "--run", "r", "--unit", "resnet"])
+
+
+def test_group_by_reaches_prepare_and_training(tmp_path):
+    from cellnet.training.config import make_config
+
+    assert build_parser().parse_args(["prepare", "--data", "d", "--out", "o", "--group-by", "site"]).group_by == "site"
+    args = build_parser().parse_args(["train", "gbt", "--data", "d", "--run", "r", "--seg", "s", "--group-by", "patient"])
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "task", "quiet")}
+    assert make_config("gbt", **given).group_by == "patient"
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], None),
+    (["--stain-aug"], {"hed_scale": 0.05, "hed_shift": 0.05, "brightness": 0.1, "contrast": 0.1,
+                       "blur_sigma": 1.0, "blur_prob": 0.3, "noise": 0.02}),
+    (["--stain-aug", "--hed", "0.2", "--blur", "0"], {"hed_scale": 0.2, "hed_shift": 0.2, "brightness": 0.1,
+                                                     "contrast": 0.1, "blur_sigma": 0.0, "blur_prob": 0.3,
+                                                     "noise": 0.02}),
+    (["--noise", "0.05"], {"hed_scale": 0.0, "hed_shift": 0.0, "brightness": 0.0, "contrast": 0.0,
+                           "blur_sigma": 0.0, "blur_prob": 0.0, "noise": 0.05}),
+])
+def test_stain_flags_build_the_stain_augmentation(flags, expected, tmp_path):
+    from cellnet.training.config import make_config
+    from cellnet.training.tasks import _stain
+
+    args = build_parser().parse_args(["train", "segmentation", "--data", "d", "--run", "r", *flags])
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "task", "quiet")}
+    stain = _stain(make_config("segmentation", **given).resolve())
+    assert (stain.as_kwargs() if stain else None) == expected
+
+
+def test_impossible_stain_settings_are_one_line_before_any_run(tmp_path, capsys):
+    code = main(["train", "segmentation", "--data", str(tmp_path), "--run", str(tmp_path / "r"), "--hed", "1.5"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "cellnet train segmentation: error: --hed: expected < 1, got 1.5"
+    assert not (tmp_path / "r").exists()

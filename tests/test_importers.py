@@ -73,6 +73,35 @@ def test_brca_m2c_rows_are_y_x_class_and_stroma_is_counted(tmp_path):
     with open(tmp_path / "out" / "mapping.csv") as f:
         assert [(r["case"], r["region"], r["source_image"]) for r in csv.DictReader(f)] == [
             ("slideA_1", "1", "images/slideA_1.png"), ("slideB_2", "1", "images/slideB_2.png")]
+    assert not (tmp_path / "out" / "cells" / "groups.csv").exists()  # no TCGA barcodes, no groups
+
+
+def read_groups_csv(path: Path) -> dict[str, tuple[str, str]]:
+    with open(path) as f:
+        return {r["name"]: (r["patient"], r["site"]) for r in csv.DictReader(f)}
+
+
+TCGA_STEMS = ("TCGA-A7-A0DA-01Z-00-DX1_63501_13001_1000_999_0.9824",
+              "TCGA-A7-A0DA-01Z-00-DX2_11501_11001_1000_1000_0.9824", "TCGA-AC-A23C-01Z-00-DX1_1_2_1000_1000_0.93")
+
+
+def test_brca_m2c_writes_groups_and_imports_without_split_lists(tmp_path):
+    src = write_brca(tmp_path / "brca", {stem: [(5 + i, 9, 1 + i % 2)] for i, stem in enumerate(TCGA_STEMS)})
+    summary = import_points("brca-m2c", src, tmp_path / "out")
+    cells = tmp_path / "out" / "cells"
+    assert summary["regions"] == 3 and not (cells / "split.csv").exists()  # prepare splits them by group
+    expected = {f"{TCGA_STEMS[0]}_Region 1": ("TCGA-A7-A0DA", "A7"), f"{TCGA_STEMS[1]}_Region 1": ("TCGA-A7-A0DA", "A7"),
+                f"{TCGA_STEMS[2]}_Region 1": ("TCGA-AC-A23C", "AC")}
+    assert read_groups_csv(cells / "groups.csv") == expected
+    assert {r.name: (r.patient, r.site) for r in read_breastpathq(tmp_path / "out").regions} == expected
+
+    import_points("breastpathq", tmp_path / "out", tmp_path / "again")  # a re-import keeps them
+    assert read_groups_csv(tmp_path / "again" / "cells" / "groups.csv") == expected
+    existing = tmp_path / "third" / "cells" / "groups.csv"
+    existing.parent.mkdir(parents=True)
+    existing.write_text("mine")
+    assert "already exists" in one_line_error(lambda: import_points("brca-m2c", src, tmp_path / "third"), existing)
+    assert existing.read_text() == "mine"
 
 
 def test_brca_m2c_image_and_label_without_partner(tmp_path):
@@ -128,6 +157,8 @@ def test_brca_m2c_real_data(tmp_path):
     with open(tmp_path / "out" / "cells" / "split.csv") as f:
         splits = {r["name"]: r["split"] for r in csv.DictReader(f)}
     assert splits == {f"{Path(n).stem}_Region 1": "train" if n in listed["train"] else "val" for n in names}
+    assert read_groups_csv(tmp_path / "out" / "cells" / "groups.csv") == {
+        f"{Path(n).stem}_Region 1": (n[:12], n[5:7]) for n in names}
 
 
 # ----------------------------------------------------------------------------- QuPath GeoJSON

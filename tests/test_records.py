@@ -1,4 +1,6 @@
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -6,7 +8,7 @@ import tensorflow as tf
 
 from cellnet.errors import CellnetError
 from cellnet.data.records import ensure_prepared, load_manifest, prepare
-from conftest import write_layout
+from conftest import REAL, write_layout
 
 
 def _count(folder, split):
@@ -184,3 +186,210 @@ def test_disc_must_match_a_prepared_folder(tiny_prepared, tiny_layout, tmp_path)
         ensure_prepared(tiny_prepared, tmp_path, diameter=12.5)
     cache = ensure_prepared(tiny_layout, tmp_path, diameter=12.5, progress=False)
     assert cache.name.endswith("-d12.5") and load_manifest(cache)["disc_diameter"] == 12.5
+
+
+# ----------------------------------------------------------------------------- --group-by
+
+#: Made-up TCGA patients on three tissue-source sites (A1, B2, C3).
+TCGA = ["TCGA-A1-0001", "TCGA-A1-0002", "TCGA-B2-0003", "TCGA-B2-0004", "TCGA-C3-0005", "TCGA-C3-0006"]
+#: train/ slides -> patient: two slides of one patient, three sites; 1006 is in validation/.
+SLIDE_PATIENTS = {"1000": TCGA[0], "1001": TCGA[0], "1002": TCGA[1], "1003": TCGA[2], "1004": TCGA[4],
+                  "1005": TCGA[5], "1006": TCGA[3]}
+PARTICIPANT = r"TCGA-\w\w-(\w{4})"
+
+
+def write_tcga_cells(root, size: int = 96):
+    """Two small regions (slides DX1, DX2) per made-up TCGA patient, named as BRCA-M2C names them."""
+    from cellnet.data.breastpathq import region_file_stem, write_key_xml
+    from cellnet.data.imageio import write_image
+
+    rng = np.random.default_rng(0)
+    for i, patient in enumerate(TCGA):
+        for dx in (1, 2):
+            stem = region_file_stem(f"{patient}-01Z-00-DX{dx}_{1000 * i}_500_1000_1000_0.98", 1)
+            write_image(root / "cells" / f"{stem}_crop.tif", rng.integers(150, 255, (size, size, 3), dtype=np.uint8))
+            write_key_xml(root / "cells" / f"{stem}_key.xml", np.array([[10.0, 10.0], [50.0, 40.0]]), np.array([1, 2]))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tcga_layout(tmp_path_factory):
+    root = write_layout(tmp_path_factory.mktemp("tcga") / "bpq", n_patients=7, per_patient=1, regions=0)
+    (root / "patient_ids.csv").write_text(
+        "patient_id,slide\n" + "".join(f"{p},{s}\n" for s, p in SLIDE_PATIENTS.items()))
+    return write_tcga_cells(root)
+
+
+def cells_layout(root, regions: int):
+    """A layout of cell regions named 1, 2, ... only (no patches)."""
+    root.mkdir(parents=True)
+    return write_layout(root, n_patients=0, regions=regions)
+
+
+def _drawn(layout, group_by, seed, val_fraction=0.34):
+    from cellnet.data.breastpathq import read_breastpathq
+    from cellnet.data.records import assign_patch_splits, assign_region_splits
+
+    data = read_breastpathq(layout)
+    return {**assign_patch_splits(data, val_fraction, seed, group_by),
+            **assign_region_splits(data, val_fraction, seed, group_by)}
+
+
+@pytest.mark.parametrize("group_by", ["patient", "site", PARTICIPANT])
+def test_no_group_lands_on_both_sides(tcga_layout, group_by):
+    from cellnet.data.records import group_key
+
+    key = group_key(group_by)
+    for seed in range(6):
+        splits = _drawn(tcga_layout, group_by, seed)
+        for train, val in (("train", "val"), ("cells_train", "cells_val")):
+            sides = [{key(item) for item in splits[s]} for s in (train, val)]
+            assert all(sides) and not sides[0] & sides[1], (seed, train, sides)
+        assert len(splits["train"]) + len(splits["val"]) == 6
+        assert len(splits["cells_train"]) + len(splits["cells_val"]) == 2 * len(TCGA)
+
+
+def _sides_of_patients(splits) -> dict[str, set[str]]:
+    sides: dict[str, set[str]] = {}
+    for split in ("cells_train", "cells_val"):
+        for region in splits[split]:
+            sides.setdefault(region.patient, set()).add(split)
+    return sides
+
+
+def test_two_images_of_one_patient_stay_on_one_side(tcga_layout):
+    straddled = False
+    for seed in range(10):
+        assert all(len(s) == 1 for s in _sides_of_patients(_drawn(tcga_layout, "patient", seed)).values())
+        straddled |= any(len(s) > 1 for s in _sides_of_patients(_drawn(tcga_layout, None, seed)).values())
+    assert straddled  # split by case (one image), as without --group-by, a patient's DX1 and DX2 part
+
+
+def test_group_by_site_holds_out_one_whole_site(tcga_layout):
+    for seed in range(6):
+        splits = _drawn(tcga_layout, "site", seed)
+        for train, val in (("train", "val"), ("cells_train", "cells_val")):
+            held = {item.site for item in splits[val]}
+            assert len(held) == 1 and not any(item.site in held for item in splits[train])
+            assert {item.site for item in splits[train]} | held == {"A1", "B2", "C3"}
+
+
+def test_split_csv_is_ignored_with_group_by(tcga_layout, tmp_path, capsys):
+    import shutil
+
+    layout = shutil.copytree(tcga_layout, tmp_path / "bpq")
+    names = sorted(p.name[: -len("_crop.tif")] for p in (layout / "cells").glob("*_crop.tif"))
+    (layout / "cells" / "split.csv").write_text(
+        "name,split\n" + "".join(f"{n},{'val' if i % 2 else 'train'}\n" for i, n in enumerate(names)))
+    assert len(_drawn(layout, None, 0)["cells_val"]) == len(names) // 2  # the file is the split
+
+    manifest = prepare(layout, tmp_path / "rec", val_fraction=0.34, group_by="site", progress=False)
+    splits = manifest["splits"]
+    assert manifest["group_by"] == "site" and "groups" not in splits["eval"]
+    for train, val in (("train", "val"), ("cells_train", "cells_val")):
+        assert len(splits[val]["groups"]) == 1 and not set(splits[train]["groups"]) & set(splits[val]["groups"])
+        assert set(splits[train]["groups"]) | set(splits[val]["groups"]) == {"A1", "B2", "C3"}
+    assert splits["cells_val"]["count"] == 4  # one site: two patients, two images each
+    assert load_manifest(tmp_path / "rec")["splits"]["cells_val"]["groups"] == splits["cells_val"]["groups"]
+    assert "ignored: --group-by site draws the split over groups" in manifest["file_warnings"]
+    assert f"{layout / 'cells' / 'split.csv'}: ignored: --group-by site" in capsys.readouterr().err
+
+
+def test_region_patient_and_site_come_from_groups_csv_then_tcga_names(tmp_path):
+    from cellnet.data.breastpathq import read_breastpathq
+
+    layout = cells_layout(tmp_path / "bpq", 3)
+    assert [(r.patient, r.site) for r in read_breastpathq(layout).regions] == [("1", ""), ("2", ""), ("3", "")]
+    (layout / "cells" / "groups.csv").write_text("name,patient,site\n1_Region 1,pa,S1\n2_Region 1,pb,\n")
+    write_tcga_cells(layout)
+    regions = {r.name: (r.patient, r.site) for r in read_breastpathq(layout).regions}
+    assert regions["1_Region 1"] == ("pa", "S1") and regions["2_Region 1"] == ("pb", "")
+    assert regions["3_Region 1"] == ("3", "")
+    assert regions["TCGA-A1-0002-01Z-00-DX2_1000_500_1000_1000_0.98_Region 1"] == ("TCGA-A1-0002", "A1")
+    (layout / "cells" / "groups.csv").write_text("name,patient\n1_Region 1,pa\n")
+    with pytest.raises(CellnetError, match=r"groups.csv: missing column\(s\) site \(expected name,patient,site\)$"):
+        read_breastpathq(layout)
+
+
+def _one_line_error(call) -> str:
+    with pytest.raises(CellnetError) as info:
+        call()
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_group_by_errors_name_the_item(tcga_layout, tmp_path):
+    out = tmp_path / "out"
+    message = _one_line_error(lambda: prepare(tcga_layout, out, group_by="TCGA-(", progress=False))
+    assert message.startswith("--group-by TCGA-(: not a regular expression (missing ), unterminated subpattern")
+    message = _one_line_error(lambda: prepare(tcga_layout, out, group_by=r"A1-(\d+)", progress=False))
+    assert message == (rf"--group-by A1-(\d+): patient 'TCGA-B2-0003' of {tcga_layout / 'train' / '1003_1.tif'} "
+                       "does not match")
+
+    plain = write_layout(tmp_path / "plain", n_patients=2, per_patient=1, regions=1)
+    message = _one_line_error(lambda: prepare(plain, out, group_by="site", progress=False))
+    assert message == (f"--group-by site: patient 'P0' of {plain / 'train' / '1000_1.tif'} has no site: "
+                       "its patient id is not a TCGA barcode (TCGA-XX-YYYY, XX the site)")
+    cells = cells_layout(tmp_path / "cells", 2)
+    message = _one_line_error(lambda: prepare(cells, out, group_by="site", progress=False))
+    assert message == (f"--group-by site: region '1_Region 1' ({cells / 'cells' / '1_Region 1_crop.tif'}) has no "
+                       "site: cells/groups.csv (name,patient,site) gives none and its name holds no TCGA barcode")
+    message = _one_line_error(lambda: prepare(cells, out, group_by="^TCGA", progress=False))
+    assert message.startswith("--group-by ^TCGA: region '1_Region 1' (") and message.endswith("does not match")
+    assert not out.exists()
+
+
+def test_ensure_prepared_keys_the_cache_by_group_by(tiny_prepared, tmp_path):
+    cells = write_tcga_cells(tmp_path / "cells")
+    cache = ensure_prepared(cells, tmp_path, group_by="site", progress=False)
+    assert cache.name.endswith("-s0-gsite") and load_manifest(cache)["group_by"] == "site"
+    assert ensure_prepared(cells, tmp_path, group_by="site", progress=False) == cache
+    regex = ensure_prepared(cells, tmp_path, group_by=PARTICIPANT, progress=False)
+    assert regex.parent == cache.parent and re.search(r"-s0-g[0-9a-f]{8}$", regex.name)  # no file name: its hash
+    assert ensure_prepared(cache, tmp_path) == cache  # no --group-by: the folder's own splits
+    with pytest.raises(CellnetError, match=rf"^{cache}/manifest.json: splits were drawn with --group-by site, not "
+                                           r"--group-by patient; run `cellnet prepare --group-by patient`"):
+        ensure_prepared(cache, tmp_path, group_by="patient")
+    with pytest.raises(CellnetError, match=r"manifest.json: splits were drawn with no --group-by, not --group-by site"):
+        ensure_prepared(tiny_prepared, tmp_path, group_by="site")
+
+
+@pytest.mark.skipif(not (REAL / "brca-m2c").is_dir(), reason="../shared/real is absent (a fresh clone)")
+def test_real_brca_m2c_group_by_site_and_patient(tmp_path):
+    import shutil
+
+    from cellnet.data.breastpathq import read_breastpathq
+    from cellnet.data.importers import import_points
+
+    real = REAL / "brca-m2c"
+    names = sorted(p.name for p in (real / "images").glob("*.png"))
+    by_site: dict[str, list[str]] = {}
+    for name in names:
+        by_site.setdefault(name[5:7], []).append(name)
+    two_slides = ("TCGA-A7-A0DB", "TCGA-A7-A13G")
+    picked = sorted({n for n in names if n.startswith(two_slides)} | {n for ns in by_site.values() for n in ns[:3]})
+    src = tmp_path / "brca"
+    for sub in ("images", "labels"):
+        (src / sub).mkdir(parents=True)
+    for name in picked:
+        shutil.copy(real / "images" / name, src / "images")
+        shutil.copy(real / "labels" / f"{Path(name).stem}_gt_class_coords.txt", src / "labels")
+    for split in ("train", "val"):
+        listed = set((real / f"brca_ds_{split}.txt").read_text().split())
+        (src / f"brca_ds_{split}.txt").write_text("".join(f"{n}\n" for n in picked if n in listed))
+    import_points("brca-m2c", src, tmp_path / "data")
+    data = tmp_path / "data"
+
+    manifest = prepare(data, tmp_path / "site", val_fraction=0.34, group_by="site", progress=False)
+    train, val = (set(manifest["splits"][s]["groups"]) for s in ("cells_train", "cells_val"))
+    assert train | val == {"A7", "A8", "AC"} and not train & val and len(val) == 1
+    sites = [name[5:7] for name in picked]
+    assert manifest["splits"]["cells_val"]["count"] == sum(site in val for site in sites)  # whole sites only
+    assert manifest["splits"]["cells_train"]["count"] == sum(site in train for site in sites)
+
+    assert {r.patient for r in read_breastpathq(data).regions} >= set(two_slides)
+    official = _sides_of_patients(_drawn(data, None, 0))
+    assert all(len(official[p]) == 2 for p in two_slides)  # the published lists split these patients
+    for seed in range(5):
+        sides = _sides_of_patients(_drawn(data, "patient", seed))
+        assert all(len(sides[p]) == 1 for p in two_slides), seed

@@ -9,7 +9,13 @@
 <root>/patient_ids.csv                    patient_id,slide (optional)
 <root>/cells/<N>_Region <M>_crop.tif      cell-annotation regions
 <root>/cells/<N>_Region <M>_key.xml       point annotations for that region
+<root>/cells/split.csv                    name,split (train/val) for the regions (optional)
+<root>/cells/groups.csv                   name,patient,site for the regions (optional)
 ```
+A region's patient and tissue-source site come from ``cells/groups.csv``, else from a TCGA
+barcode in its name (patient ``TCGA-XX-YYYY``, site ``XX``); else its patient is its case and it
+has no site. A patch's site is that of a TCGA patient id.
+
 Bad input follows SPEC 7: with ``on_bad="fail"`` the first problem raises a one-line
 :class:`CellnetError`; with ``"skip"`` the item is dropped and the problem counted in
 :attr:`Problems`, which the command line prints as a summary. Problems worth going on with
@@ -36,6 +42,9 @@ from cellnet.files import write_text
 SPLIT_FOLDERS = {"train": "train", "validation": "validation", "test": "test_patches"}
 LABEL_FILES = {"train": "train_labels.csv", "validation": "val_labels.csv", "test": "test_labels.csv"}
 REGION_RE = re.compile(r"^(?P<case>.+?)_Region\s*(?P<region>\d+)_crop$")
+#: A TCGA barcode's first three fields, ``TCGA-<site>-<participant>``: the patient, anywhere in a name.
+TCGA_RE = re.compile(r"(?<![A-Za-z0-9])TCGA-(?P<site>[A-Za-z0-9]{2})-[A-Za-z0-9]{4}(?![A-Za-z0-9])")
+GROUP_COLUMNS = ("name", "patient", "site")
 
 
 @dataclass
@@ -54,6 +63,11 @@ class Patch:
     def stem(self) -> str:
         return f"{self.slide}_{self.rid}"
 
+    @property
+    def site(self) -> str:
+        """The tissue-source site of a TCGA patient id ('' for any other id)."""
+        return (tcga_patient(self.patient) or ("", ""))[1]
+
 
 @dataclass
 class Region:
@@ -64,6 +78,8 @@ class Region:
     case: str
     points: np.ndarray  # float32 [K, 2] (x, y)
     labels: np.ndarray  # int32 [K] index into CLASSES
+    patient: str = ""   # cells/groups.csv's, a TCGA barcode's, else the case
+    site: str = ""      # cells/groups.csv's, a TCGA barcode's, else unknown ('')
 
     @property
     def name(self) -> str:
@@ -134,6 +150,26 @@ def read_patients(path: Path) -> dict[str, str]:
     if missing:
         raise bad(path, f"missing column(s) {', '.join(missing)} (expected patient_id,slide)")
     return dict(zip(frame["slide"].str.strip(), frame["patient_id"].str.strip()))
+
+
+def tcga_patient(name: str) -> tuple[str, str] | None:
+    """(patient ``TCGA-XX-YYYY``, tissue-source site ``XX``) of a name holding a TCGA barcode."""
+    match = TCGA_RE.search(name)
+    return (match[0], match["site"]) if match else None
+
+
+def read_groups(path: Path) -> dict[str, tuple[str, str]]:
+    """Region name -> (patient, site) from ``cells/groups.csv``; a blank field is unknown."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as exc:
+        raise bad(path, f"malformed CSV ({type(exc).__name__}: {str(exc)[:80]})") from None
+    frame.columns = [c.strip() for c in frame.columns]
+    missing = [c for c in GROUP_COLUMNS if c not in frame.columns]
+    if missing:
+        raise bad(path, f"missing column(s) {', '.join(missing)} (expected {','.join(GROUP_COLUMNS)})")
+    return {name.strip(): (patient.strip(), site.strip())
+            for name, patient, site in frame[list(GROUP_COLUMNS)].itertuples(index=False)}
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -251,6 +287,8 @@ def read_regions(root: Path, problems: Problems) -> list[Region]:
     folder = root / "cells"
     if not folder.is_dir():
         return []
+    groups_path = folder / "groups.csv"
+    groups = read_groups(groups_path) if groups_path.is_file() else {}
     regions = []
     for image in images_by_stem(folder, problems).values():
         if not image.stem.endswith("_crop"):
@@ -265,12 +303,18 @@ def read_regions(root: Path, problems: Problems) -> list[Region]:
             continue
         match = REGION_RE.match(image.stem)
         case = match["case"] if match else stem
-        regions.append(Region(image, xml_path, case, *parsed))
+        regions.append(Region(image, xml_path, case, *parsed, *_patient_and_site(stem, case, groups)))
     for xml_path in sorted(folder.glob("*_key.xml")):
         stem = xml_path.name[: -len("_key.xml")]
         if not any((folder / f"{stem}_crop{s}").is_file() for s in IMAGE_SUFFIXES):
             problems.report(xml_path, f"no region image {stem}_crop.tif")
     return regions
+
+
+def _patient_and_site(name: str, case: str, groups: dict[str, tuple[str, str]]) -> tuple[str, str]:
+    given_patient, given_site = groups.get(name, ("", ""))
+    parsed_patient, parsed_site = tcga_patient(name) or (case, "")
+    return given_patient or parsed_patient, given_site or parsed_site
 
 
 # ----------------------------------------------------------------------------- dataset

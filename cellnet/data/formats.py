@@ -26,12 +26,15 @@ def describe_formats() -> str:
     return "\n".join([
         "formats (what --src is):",
         item("breastpathq", "a BreastPathQ folder: its cells/<N>_Region <M>_crop.tif and _key.xml "
-                            "are checked and copied (with cells/split.csv, if there is one)."),
+                            "are checked and copied (with cells/split.csv and cells/groups.csv, where "
+                            "present)."),
         item("brca-m2c", f"a BRCA-M2C root: images/<stem>.png and labels/<stem>{BRCA_LABEL_SUFFIX} "
                          "with rows '<y> <x> <class>': 1 lymphocyte, 2 tumour (-> malignant), "
                          "3 stromal (skipped and counted: cellnet has no stromal channel, so stroma "
                          "is background in the masks). brca_ds_train.txt and brca_ds_val.txt, if "
-                         "present, become cells/split.csv."),
+                         "present, become cells/split.csv; the TCGA barcodes of the names become "
+                         "cells/groups.csv (name,patient,site: TCGA-XX-YYYY, XX) for `cellnet prepare "
+                         "--group-by`."),
         item("geojson", "a folder of QuPath GeoJSON exports, <stem>.geojson (or .json, or "
                         "<stem>.<ext>.geojson) next to <stem>.png|.tif|.jpg: Point and MultiPoint "
                         "objects, and cell or detection polygons (their centroid; the nucleus's "

@@ -7,6 +7,7 @@ serves all of them:
 <out>/cells/<case>_Region <M>_crop.tif   the image, 8-bit RGB TIFF
 <out>/cells/<case>_Region <M>_key.xml    its points, one <graphic> per class
 <out>/cells/split.csv                    name,split (train/val) when the source defines a split
+<out>/cells/groups.csv                   name,patient,site when the source names them (TCGA barcodes)
 <out>/mapping.csv                        case,region,source_image: where each region came from
 ```
 The case id is the source image's name made file-safe, so it is stable whatever else is
@@ -30,8 +31,8 @@ from pathlib import Path, PurePath
 
 import numpy as np
 
-from cellnet.data.breastpathq import (REGION_RE, images_by_stem, read_regions, region_file_stem,
-                          write_key_xml)
+from cellnet.data.breastpathq import (GROUP_COLUMNS, REGION_RE, images_by_stem, read_groups, read_regions,
+                                     region_file_stem, tcga_patient, write_key_xml)
 from cellnet.classes import BRCA_M2C_CODES, CELL_CLASSES, CLASSES, NAME_TO_CLASS, class_for_description
 from cellnet.errors import CellnetError, Problems, bad
 from cellnet.data.formats import BRCA_LABEL_SUFFIX
@@ -59,6 +60,8 @@ class Source:
     origin: str             # source_image column of mapping.csv
     region: int = 1
     split: str = ""
+    patient: str = ""       # cells/groups.csv's patient and tissue-source site, where known
+    site: str = ""
 
     @property
     def stem(self) -> str:
@@ -88,8 +91,10 @@ def import_points(fmt: str, src: str | os.PathLike, out: str | os.PathLike, on_b
         raise _nothing_to_import(src, fmt, problems)
     _number_regions(sources)
     splits = [s for s in sources if s.split]
+    groups = [s for s in sources if s.patient or s.site]
     targets = [out / "cells" / f"{s.stem}{suffix}" for s in sources for suffix in ("_crop.tif", "_key.xml")]
     targets += [out / "mapping.csv"] + ([out / "cells" / "split.csv"] if splits else [])
+    targets += [out / "cells" / "groups.csv"] if groups else []
     for target in targets:
         if target.exists():
             raise bad(target, "already exists; import never overwrites (choose a new --out)")
@@ -103,6 +108,9 @@ def import_points(fmt: str, src: str | os.PathLike, out: str | os.PathLike, on_b
         if splits:
             write_text(staging / "cells" / "split.csv", _csv_text(
                 ("name", "split"), [(s.stem, s.split) for s in written if s.split]))
+        if groups:
+            write_text(staging / "cells" / "groups.csv", _csv_text(
+                GROUP_COLUMNS, [(s.stem, s.patient, s.site) for s in written if s.patient or s.site]))
 
     labels = np.concatenate([s.labels for s in written])
     problems.emit_warnings(counted="skipped {n} point(s): {key}")
@@ -235,8 +243,10 @@ def _read_brca_m2c(src: Path, problems: Problems) -> list[Source]:
             continue
         parsed = _parse_brca_labels(labels[stem], problems)
         if parsed is not None:
+            patient, site = tcga_patient(stem) or ("", "")
             sources.append(Source(images[stem], labels[stem], *parsed, case=_case_id(stem),
-                                  origin=f"images/{images[stem].name}", split=splits.get(stem, "")))
+                                  origin=f"images/{images[stem].name}", split=splits.get(stem, ""),
+                                  patient=patient, site=site))
     return sources
 
 
@@ -486,13 +496,16 @@ def _read_breastpathq(src: Path, problems: Problems) -> list[Source]:
     if not cells.is_dir():
         raise bad(cells, "no such folder (expected a BreastPathQ root with cells/)")
     given = _given_splits(cells / "split.csv")
+    groups = read_groups(cells / "groups.csv") if (cells / "groups.csv").is_file() else {}
     sources = []
     for region in read_regions(src, problems):
         match = REGION_RE.match(region.image_path.stem)
         case, number = (match["case"], int(match["region"])) if match else (region.name, 1)
+        patient, site = groups.get(region.name, ("", ""))
         sources.append(Source(region.image_path, region.xml_path, region.points.astype(np.float64),
                               region.labels, case=_case_id(case), region=number,
-                              origin=f"cells/{region.image_path.name}", split=given.get(region.name, "")))
+                              origin=f"cells/{region.image_path.name}", split=given.get(region.name, ""),
+                              patient=patient, site=site))
     return sources
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from cellnet.data.augment import BatchAugment
+from cellnet.data.augment import BatchAugment, StainAugment
 from cellnet.errors import bad
 from cellnet.preprocess import DOWNSAMPLE, WORKING_SIZE, downsample, to_unit_range
 from cellnet.data.records import load_manifest
@@ -76,10 +76,10 @@ def decode_region(serialized: tf.Tensor) -> dict:
 
 
 def _finish(ds: tf.data.Dataset, batch_size: int, training: bool, augment_on: str, seed: int,
-            with_mask: bool, drop_remainder: bool) -> tf.data.Dataset:
+            with_mask: bool, drop_remainder: bool, stain: StainAugment | None = None) -> tf.data.Dataset:
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE)
     if training and augment_on == "cpu":
-        augment = BatchAugment(seed=seed)
+        augment = BatchAugment(seed=seed, **(stain.as_kwargs() if stain else {}))
         if with_mask:
             ds = ds.map(lambda x, m: augment(to_unit_range(x), m, training=True),
                         num_parallel_calls=AUTOTUNE)
@@ -103,14 +103,18 @@ def _decoded(prepared: str | os.PathLike, split: str, decode, training: bool, se
 
 def cellularity_dataset(prepared: str | os.PathLike, split: str, batch_size: int = 16,
                         training: bool = False, seed: int = 0, augment_on: str = "device",
-                        target: str = "y", repeat: bool = False) -> tf.data.Dataset:
+                        target: str = "y", repeat: bool = False,
+                        stain: StainAugment | None = None) -> tf.data.Dataset:
     """(image uint8 [B,256,256,3], score float32 [B,1]) batches; whole 512 patch -> x2 -> 256.
 
-    ``target`` is ``"y"`` (the rater's score, what the paper trains on) or ``"truth"``.
+    ``target`` is ``"y"`` (the rater's score, what the paper trains on) or ``"truth"``; ``stain``
+    adds stain augmentation to the ``augment_on="cpu"`` path (the device path gets it from
+    ``AugmentedTrainer``).
     """
     ds = _decoded(prepared, split, decode_patch, training, seed, repeat)
     ds = ds.map(lambda ex: (ex["image"], tf.reshape(ex[target], [1])), num_parallel_calls=AUTOTUNE)
-    return _finish(ds, batch_size, training, augment_on, seed, with_mask=False, drop_remainder=training)
+    return _finish(ds, batch_size, training, augment_on, seed, with_mask=False, drop_remainder=training,
+                   stain=stain)
 
 
 def patch_records(prepared: str | os.PathLike, split: str, batch_size: int = 16) -> tf.data.Dataset:
@@ -132,7 +136,8 @@ def _pad_to(image: tf.Tensor, mask: tf.Tensor, size: int) -> tuple[tf.Tensor, tf
 
 def segmentation_dataset(prepared: str | os.PathLike, split: str = "cells_train", batch_size: int = 8,
                          training: bool = False, seed: int = 0, crop: int = WORKING_SIZE,
-                         augment_on: str = "device", repeat: bool = False) -> tf.data.Dataset:
+                         augment_on: str = "device", repeat: bool = False,
+                         stain: StainAugment | None = None) -> tf.data.Dataset:
     """(image uint8 [B,crop,crop,3], mask float32 [B,crop,crop,4]) from the cell regions.
 
     Training draws a random ``crop`` (paper: 256) per region per epoch; evaluation takes the
@@ -150,7 +155,8 @@ def segmentation_dataset(prepared: str | os.PathLike, split: str = "cells_train"
         return both[..., :3], tf.cast(both[..., 3:], tf.float32)
 
     ds = ds.map(crop_fn, num_parallel_calls=AUTOTUNE)
-    return _finish(ds, batch_size, training, augment_on, seed, with_mask=True, drop_remainder=training)
+    return _finish(ds, batch_size, training, augment_on, seed, with_mask=True, drop_remainder=training,
+                   stain=stain)
 
 
 def region_records(prepared: str | os.PathLike, split: str = "cells_val") -> tf.data.Dataset:

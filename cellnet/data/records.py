@@ -9,6 +9,10 @@ resolution (PNG, 4 channels). Splits are by patient (or by case for regions), se
 - ``test``: ``test_patches/`` (labels when ``test_labels.csv`` exists);
 - ``cells_train`` / ``cells_val``: regions split by case (or by ``cells/split.csv`` if present).
 
+``--group-by patient|site|REGEX`` draws both val splits over whole groups instead (``site``: a
+TCGA tissue-source site, so validation can hold out whole hospitals), ignoring ``cells/split.csv``;
+the manifest records it and the groups on each side.
+
 A patient found in ``eval`` or ``test`` as well as in ``train/`` has its ``train/`` patches
 dropped (counted as a warning): no patient is ever on both sides of a split.
 
@@ -26,6 +30,7 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, NoReturn
 
 import cv2
 import numpy as np
@@ -43,6 +48,11 @@ from cellnet.preprocess import DOWNSAMPLE, PATCH_SIZE
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 SHARD_SIZE = 256
+#: The splits drawn over groups; ``eval`` and ``test`` are the dataset's own.
+DRAWN = ("train", "val", "cells_train", "cells_val")
+#: Why an item has no ``--group-by site``, by kind of item.
+NO_SITE = {Patch: "its patient id is not a TCGA barcode (TCGA-XX-YYYY, XX the site)",
+           Region: "cells/groups.csv (name,patient,site) gives none and its name holds no TCGA barcode"}
 #: Largest weak-mask disc accepted: nuclei are 5-15 um, 1 um per working-resolution px.
 MAX_DISC = 64
 
@@ -84,7 +94,37 @@ def split_groups(groups: list[str], fraction: float, seed: int) -> set[str]:
     return set(rng.permutation(unique)[:n].tolist())
 
 
-def assign_patch_splits(data: BreastPathQ, val_fraction: float, seed: int) -> dict[str, list[Patch]]:
+def group_key(group_by: str) -> Callable[[Patch | Region], str]:
+    """An item's group under ``--group-by``: ``patient``, ``site``, or a regular expression whose
+    first capture group (else whole match) is searched in a patch's patient id or a region's name.
+
+    An item without a group is a one-line error naming it: no item may fall outside the split.
+    """
+    if group_by == "patient":
+        return lambda item: item.patient
+    if group_by == "site":
+        return lambda item: item.site or _no_group(group_by, item, f"has no site: {NO_SITE[type(item)]}")
+    try:
+        pattern = re.compile(group_by)
+    except re.error as exc:
+        raise CellnetError(f"--group-by {group_by}: not a regular expression ({exc})") from None
+
+    def matched(item: Patch | Region) -> str:
+        found = pattern.search(item.patient if isinstance(item, Patch) else item.name)
+        group = found and found[1 if pattern.groups else 0]
+        return group or _no_group(group_by, item, "does not match")
+    return matched
+
+
+def _no_group(group_by: str, item: Patch | Region, problem: str) -> NoReturn:
+    what = (f"patient {item.patient!r} of {item.path}" if isinstance(item, Patch)
+            else f"region {item.name!r} ({item.image_path})")
+    raise CellnetError(f"--group-by {group_by}: {what} {problem}")
+
+
+def assign_patch_splits(data: BreastPathQ, val_fraction: float, seed: int,
+                        group_by: str | None = None) -> dict[str, list[Patch]]:
+    """``train/`` split by patient (or ``group_by``) into train and val, and the held-out sets."""
     held_out = {p.patient for p in data.patches if p.split in ("validation", "test")}
     train_pool = []
     for p in data.split("train"):
@@ -93,26 +133,32 @@ def assign_patch_splits(data: BreastPathQ, val_fraction: float, seed: int) -> di
                                path=p.path)
         else:
             train_pool.append(p)
-    val_patients = split_groups([p.patient for p in train_pool], val_fraction, seed)
+    group = group_key("patient" if group_by is None else group_by)
+    val_groups = split_groups([group(p) for p in train_pool], val_fraction, seed)
     return {
-        "train": [p for p in train_pool if p.patient not in val_patients],
-        "val": [p for p in train_pool if p.patient in val_patients],
+        "train": [p for p in train_pool if group(p) not in val_groups],
+        "val": [p for p in train_pool if group(p) in val_groups],
         "eval": [p for p in data.split("validation") if p.y is not None],
         "test": data.split("test"),
     }
 
 
-def assign_region_splits(data: BreastPathQ, val_fraction: float, seed: int) -> dict[str, list[Region]]:
+def assign_region_splits(data: BreastPathQ, val_fraction: float, seed: int,
+                         group_by: str | None = None) -> dict[str, list[Region]]:
+    """Regions split by ``cells/split.csv`` if present, else by case; by ``group_by`` when given."""
     split_file = data.root / "cells" / "split.csv"
-    if split_file.is_file():
+    if group_by is None and split_file.is_file():
         given = pd.read_csv(split_file, dtype=str)
         if not {"name", "split"} <= set(given.columns):
             raise bad(split_file, "missing column(s): expected name,split")
         lookup = dict(zip(given["name"], given["split"]))
         val = {r.name for r in data.regions if lookup.get(r.name) == "val"}
     else:
-        val_cases = split_groups([r.case for r in data.regions], val_fraction, seed)
-        val = {r.name for r in data.regions if r.case in val_cases}
+        if split_file.is_file():
+            data.problems.note(split_file, f"ignored: --group-by {group_by} draws the split over groups")
+        group = (lambda r: r.case) if group_by is None else group_key(group_by)
+        val_groups = split_groups([group(r) for r in data.regions], val_fraction, seed)
+        val = {r.name for r in data.regions if group(r) in val_groups}
     return {"cells_train": [r for r in data.regions if r.name not in val],
             "cells_val": [r for r in data.regions if r.name in val]}
 
@@ -232,11 +278,16 @@ def _first_line(exc: Exception) -> str:
 
 def prepare(data: str | os.PathLike, out: str | os.PathLike, seed: int = 0, val_fraction: float = 0.2,
             on_bad: str = "fail", diameter: float = DISC_DIAMETER, shard_size: int = SHARD_SIZE,
-            progress: bool = True) -> dict:
-    """Write TFRecords + manifest for a BreastPathQ-layout folder into ``out`` (atomically)."""
+            progress: bool = True, group_by: str | None = None) -> dict:
+    """Write TFRecords + manifest for a BreastPathQ-layout folder into ``out`` (atomically).
+
+    ``group_by`` (``patient``, ``site`` or a regex; see :func:`group_key`) draws train/val and
+    cells_train/cells_val over whole groups; None keeps the default splits.
+    """
     data, out = Path(data), Path(out)
     if not 0 < diameter <= MAX_DISC:
         raise CellnetError(f"--disc: expected a diameter in (0, {MAX_DISC}] working-resolution px, got {diameter}")
+    group = None if group_by is None else group_key(group_by)  # a bad regex fails before any work
     if is_prepared(out):
         raise bad(out, "already holds prepared records (manifest.json); choose a new --out or delete it")
     if out.exists() and any(out.iterdir()):
@@ -244,8 +295,8 @@ def prepare(data: str | os.PathLike, out: str | os.PathLike, seed: int = 0, val_
     start = time.time()
     dataset = read_breastpathq(data, on_bad)
     source_fingerprint = fingerprint(data)
-    splits: dict[str, list] = {**assign_patch_splits(dataset, val_fraction, seed),
-                               **assign_region_splits(dataset, val_fraction, seed)}
+    splits: dict[str, list] = {**assign_patch_splits(dataset, val_fraction, seed, group_by),
+                               **assign_region_splits(dataset, val_fraction, seed, group_by)}
     with atomic_dir(out) as tmp:
         manifest_splits = {}
         total = sum(len(items) for items in splits.values())
@@ -273,6 +324,7 @@ def prepare(data: str | os.PathLike, out: str | os.PathLike, seed: int = 0, val_
                     "shards": [name for name, _ in shards],
                     "shard_records": [n for _, n in shards],
                     "patients": sorted({getattr(i, "patient", None) or getattr(i, "case") for i in items}),
+                    **({"groups": sorted({group(i) for i in items})} if group is not None and split in DRAWN else {}),
                 }
         if not manifest_splits:
             raise bad(data, "no usable images after validation")
@@ -280,7 +332,7 @@ def prepare(data: str | os.PathLike, out: str | os.PathLike, seed: int = 0, val_
             "format_version": FORMAT_VERSION, "source": str(data.resolve()),
             "fingerprint": source_fingerprint, "seed": seed, "val_fraction": val_fraction,
             "patch_size": PATCH_SIZE, "downsample": DOWNSAMPLE, "disc_diameter": diameter,
-            "splits": manifest_splits,
+            "group_by": group_by, "splits": manifest_splits,
             "skipped": dataset.problems.items, "warnings": dict(dataset.problems.warnings),
             "file_warnings": dict(dataset.problems.notes),
             "seconds": round(time.time() - start, 2),
@@ -295,27 +347,36 @@ def prepare(data: str | os.PathLike, out: str | os.PathLike, seed: int = 0, val_
 
 
 def ensure_prepared(data: str | os.PathLike, cache_parent: str | os.PathLike, seed: int = 0,
-                    on_bad: str = "fail", progress: bool = True, diameter: float | None = None) -> Path:
+                    on_bad: str = "fail", progress: bool = True, diameter: float | None = None,
+                    group_by: str | None = None) -> Path:
     """``--data`` as given to train/evaluate: a prepared folder, or a dataset prepared into a cache.
 
     The cache lives in ``<cache_parent>/.cellnet-cache/<name>-<fingerprint>`` and is reused while the
     dataset's files are unchanged; a damaged cache (cellnet's own files) is prepared again, with a
     warning. A damaged prepared folder given as ``--data`` is the user's: an error names the shard.
     ``diameter`` (``--disc``; None: the prepared folder's, or ``DISC_DIAMETER``) must match a
-    prepared folder's discs: its masks are already drawn.
+    prepared folder's discs: its masks are already drawn. ``group_by`` (``--group-by``; None: the
+    prepared folder's, or the default splits) must likewise match a prepared folder's splits.
     """
     data = Path(data)
     if is_prepared(data):
-        drawn = load_manifest(data).get("disc_diameter", DISC_DIAMETER)
+        manifest = load_manifest(data)
+        drawn = manifest.get("disc_diameter", DISC_DIAMETER)
         if diameter is not None and float(drawn) != float(diameter):
             raise bad(data / MANIFEST, f"masks were drawn with {drawn:g}-px discs, not --disc {diameter:g}; "
                                        f"run `cellnet prepare --disc {diameter:g}` into a new folder")
+        split_by = manifest.get("group_by")
+        if group_by is not None and split_by != group_by:
+            drawn_by = "no --group-by" if split_by is None else f"--group-by {split_by}"
+            raise bad(data / MANIFEST, f"splits were drawn with {drawn_by}, not --group-by {group_by}; "
+                                       f"run `cellnet prepare --group-by {group_by}` into a new folder")
         verify_shards(data)
         return data
     check_dataset_folder(data)
     diameter = DISC_DIAMETER if diameter is None else diameter
     disc = "" if diameter == DISC_DIAMETER else f"-d{diameter:g}"
-    cache = Path(cache_parent) / ".cellnet-cache" / f"{data.resolve().name}-{fingerprint(data)}-s{seed}{disc}"
+    name = f"{data.resolve().name}-{fingerprint(data)}-s{seed}{disc}{_group_suffix(group_by)}"
+    cache = Path(cache_parent) / ".cellnet-cache" / name
     if is_prepared(cache):
         try:
             verify_shards(cache)
@@ -324,8 +385,16 @@ def ensure_prepared(data: str | os.PathLike, cache_parent: str | os.PathLike, se
             warn(cache, f"damaged cache, preparing it again ({str(exc).removeprefix(f'{cache}/')})")
     if cache.exists():
         shutil.rmtree(cache)
-    prepare(data, cache, seed=seed, on_bad=on_bad, diameter=diameter, progress=progress)
+    prepare(data, cache, seed=seed, on_bad=on_bad, diameter=diameter, progress=progress, group_by=group_by)
     return cache
+
+
+def _group_suffix(group_by: str | None) -> str:
+    """``-g<group_by>`` for a cache folder's name; a regex that is no safe file name goes by its hash."""
+    if group_by is None:
+        return ""
+    safe = re.fullmatch(r"[A-Za-z0-9_-]+", group_by)
+    return f"-g{group_by if safe else hashlib.sha1(group_by.encode()).hexdigest()[:8]}"
 
 
 def verify_shards(prepared: str | os.PathLike) -> None:

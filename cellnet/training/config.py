@@ -23,7 +23,9 @@ FLAGS = {"preset": "--preset", "decoder": "--decoder", "unit": "--unit", "disc":
          "arch": "--arch", "head": "--head", "regression_activation": "--regression-activation",
          "seg": "--seg", "epochs": "--epochs", "batch_size": "--batch-size", "seed": "--seed",
          "init": "--init", "strategy": "--strategy", "precision": "--precision", "jit": "--jit",
-         "augment_on": "--augment-on", "on_bad": "--on-bad"}
+         "augment_on": "--augment-on", "on_bad": "--on-bad", "group_by": "--group-by",
+         "stain_aug": "--stain-aug", "hed": "--hed", "brightness": "--brightness", "contrast": "--contrast",
+         "blur": "--blur", "blur_prob": "--blur-prob", "noise": "--noise"}
 
 
 def _flag(name: str) -> str:
@@ -45,6 +47,8 @@ class RunConfig:
     jit: bool = False
     augment_on: str = "device"
     on_bad: str = "fail"
+    #: How ``--data`` prepared on the fly splits validation off (``prepare --group-by``).
+    group_by: str | None = None
     progress: bool = True
     task: str = ""
 
@@ -90,9 +94,32 @@ class NetworkConfig(RunConfig):
     lr_final: float | None = None
     width: float | None = None
     unit: str | None = None
+    #: Stain augmentation (``cellnet.data.augment.StainAugment``): ``stain_aug`` turns on its light
+    #: defaults; each value set on its own overrides them, 0 disables one op.
+    stain_aug: bool | None = None
+    hed: float | None = None
+    brightness: float | None = None
+    contrast: float | None = None
+    blur: float | None = None
+    blur_prob: float | None = None
+    noise: float | None = None
+
+    def stain_settings(self) -> dict[str, float] | None:
+        """StainAugment fields given by the flags or the preset; None when stain augmentation is off."""
+        given = {"hed_scale": self.hed, "hed_shift": self.hed, "brightness": self.brightness,
+                 "contrast": self.contrast, "blur_sigma": self.blur, "blur_prob": self.blur_prob,
+                 "noise": self.noise}
+        given = {k: float(v) for k, v in given.items() if v is not None}
+        if not self.stain_aug and not any(given.values()):
+            return None
+        return {"defaults": bool(self.stain_aug), **given}
 
     def validate(self) -> None:
         super().validate()
+        for name in ("hed", "brightness", "contrast", "blur", "blur_prob", "noise"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise CellnetError(f"{_flag(name)}: must be 0 (off) or more, got {value}")
         if self.init.startswith("imagenet:") and is_torch_weights(self.init) and self.unit != "torchvision":
             raise CellnetError(f"--init {self.init}: a torchvision/timm ResNet34 file needs --unit torchvision "
                                f"(not {self.unit}): its layers are conv -> BN -> activation")

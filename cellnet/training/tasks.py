@@ -1,6 +1,7 @@
 """The four training commands: segmentation, direct cellularity, SR cascade, GBT (SPEC 4)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import keras
@@ -9,6 +10,7 @@ import tensorflow as tf
 
 from cellnet.choices import is_torch_weights
 from cellnet.classes import CELL_CLASSES, CLASSES
+from cellnet.data.augment import StainAugment
 from cellnet.data.pipeline import cellularity_dataset, patch_records, segmentation_dataset, split_count
 from cellnet.data.records import ensure_prepared
 from cellnet.errors import CellnetError, bad
@@ -23,10 +25,30 @@ from cellnet.training.trainer import AugmentedTrainer, configure_runtime, fit, l
 def _open(cfg: RunConfig) -> tuple[Path, Path]:
     """(run folder, prepared data): the data is read and checked before the run folder exists,
     so a bad dataset leaves no run behind; a refused ``--run`` is refused before that work."""
+    _stain(cfg)  # refuse impossible stain settings before anything is written
     check_run(cfg)
     prepared = ensure_prepared(cfg.data, Path(cfg.run).parent, seed=cfg.seed, on_bad=cfg.on_bad,
-                               progress=cfg.progress, diameter=getattr(cfg, "disc", None))
+                               progress=cfg.progress, diameter=getattr(cfg, "disc", None),
+                               group_by=cfg.group_by)
     return open_run(cfg)[0], prepared
+
+
+#: StainAugment fields and the flags that set them (for error messages).
+_STAIN_FLAGS = {"hed_scale": "--hed", "hed_shift": "--hed", "brightness": "--brightness", "contrast": "--contrast",
+                "blur_sigma": "--blur", "blur_prob": "--blur-prob", "noise": "--noise"}
+
+
+def _stain(cfg: RunConfig) -> StainAugment | None:
+    """The run's stain augmentation, from ``--stain-aug`` / ``--hed`` ... or the preset; None if off."""
+    settings = cfg.stain_settings() if hasattr(cfg, "stain_settings") else None
+    if settings is None:
+        return None
+    base = StainAugment() if settings.pop("defaults") else StainAugment.off()
+    try:
+        return dataclasses.replace(base, **settings)
+    except ValueError as exc:
+        field = str(exc).split(":")[0].removeprefix("stain augmentation ")
+        raise CellnetError(f"{_STAIN_FLAGS.get(field, field)}: {str(exc).split(': ', 1)[-1]}") from None
 
 
 def _segmentation_run(seg: str) -> dict:
@@ -64,10 +86,11 @@ def train_segmentation(cfg: SegmentationConfig) -> dict:
     n_train = _require(prepared, "cells_train", "train a segmenter on (no cells/ regions?)")
     n_val = split_count(prepared, "cells_val")
     strategy = configure_runtime(cfg)
+    stain = _stain(cfg)
     batch = min(cfg.batch_size, n_train)
     steps = cfg.steps_per_epoch or max(1, n_train // batch)
     train_ds = segmentation_dataset(prepared, "cells_train", batch, training=True, seed=cfg.seed,
-                                    crop=cfg.crop, augment_on=cfg.augment_on, repeat=True)
+                                    crop=cfg.crop, augment_on=cfg.augment_on, repeat=True, stain=stain)
     val_ds = (segmentation_dataset(prepared, "cells_val", min(batch, n_val), crop=cfg.crop)
               if n_val else None)
     preview = next(iter((val_ds or train_ds).take(1)))[0][:4]
@@ -79,7 +102,8 @@ def train_segmentation(cfg: SegmentationConfig) -> dict:
         if init_path:
             load_backbone_weights(backbone, init_path)
         model = CellSegmenter(backbone, decoder=cfg.decoder, name=f"{cfg.decoder}_segmenter")
-        trainer = AugmentedTrainer(model, augment=cfg.augment_on == "device", with_mask=True, seed=cfg.seed)
+        trainer = AugmentedTrainer(model, augment=cfg.augment_on == "device", with_mask=True, seed=cfg.seed,
+                                   stain=stain)
         trainer.compile(
             optimizer=keras.optimizers.Adam(lr_schedule(cfg.lr, cfg.lr_final, cfg.epochs * steps)),
             loss=SegmentationLoss(),
@@ -109,7 +133,7 @@ def _cellularity_data(cfg: RunConfig, prepared: Path):
     batch = min(cfg.batch_size, n_train)
     steps = cfg.steps_per_epoch or max(1, n_train // batch)
     train_ds = cellularity_dataset(prepared, "train", batch, training=True, seed=cfg.seed,
-                                   augment_on=cfg.augment_on, target=cfg.target, repeat=True)
+                                   augment_on=cfg.augment_on, target=cfg.target, repeat=True, stain=_stain(cfg))
     val_ds = cellularity_dataset(prepared, "val", min(batch, n_val), target=cfg.target) if n_val else None
     return train_ds, val_ds, steps
 
@@ -134,7 +158,7 @@ def train_cellularity(cfg: CellularityConfig | CascadeConfig) -> dict:
                                   regression_activation=cfg.regression_activation,
                                   input_norm="imagenet" if is_torch_weights(init_path) else "none",
                                   weights=init_path, name=f"{cfg.arch}_{cfg.head}")
-        trainer = AugmentedTrainer(model, augment=cfg.augment_on == "device", seed=cfg.seed)
+        trainer = AugmentedTrainer(model, augment=cfg.augment_on == "device", seed=cfg.seed, stain=_stain(cfg))
         _cellularity_compile(trainer, cfg.head, lr_schedule(cfg.lr, cfg.lr_final, cfg.epochs * steps), cfg.jit)
         trainer(tf.zeros([1, WORKING_SIZE, WORKING_SIZE, 3], tf.uint8))
     monitor = "val_mse" if val_ds is not None else "mse"
@@ -171,7 +195,8 @@ def train_cascade(cfg: CascadeConfig) -> dict:
             if init_path:
                 from cellnet.models import load_backbone_weights
                 load_backbone_weights(cascade.regressor, init_path)
-        trainer = AugmentedTrainer(cascade, augment=cfg.augment_on == "device", seed=cfg.seed)
+        trainer = AugmentedTrainer(cascade, augment=cfg.augment_on == "device", seed=cfg.seed,
+                                       stain=_stain(cfg))
     if not info.get("head_complete"):
         with strategy.scope():
             cascade.set_phase("head")
@@ -183,7 +208,8 @@ def train_cascade(cfg: CascadeConfig) -> dict:
         write_run(run, head_complete=True)
         cascade = load_run_model(run, "head_best")
         with strategy.scope():
-            trainer = AugmentedTrainer(cascade, augment=cfg.augment_on == "device", seed=cfg.seed)
+            trainer = AugmentedTrainer(cascade, augment=cfg.augment_on == "device", seed=cfg.seed,
+                                       stain=_stain(cfg))
     with strategy.scope():
         cascade.set_phase("finetune")
         _cellularity_compile(trainer, "regression", cfg.finetune_lr, cfg.jit)

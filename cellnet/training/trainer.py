@@ -11,7 +11,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from cellnet.data.augment import BatchAugment
+from cellnet.data.augment import BatchAugment, StainAugment
 from cellnet.errors import CellnetError, bad
 from cellnet.files import writing
 from cellnet.preprocess import to_model_range, to_unit_range
@@ -56,15 +56,17 @@ class AugmentedTrainer(keras.Model):
 
     The pipeline delivers uint8 (device augmentation) or float [0, 1] (CPU augmentation); the
     wrapped model always sees [-1, 1], like the exported graph. Only the wrapped model is saved
-    as ``best.keras`` / ``last.keras``.
+    as ``best.keras`` / ``last.keras``. ``stain`` adds the stain ops to the augmentation (None:
+    none, as before).
     """
 
     def __init__(self, model: keras.Model, augment: bool = True, with_mask: bool = False,
-                 seed: int = 0, **kwargs):
+                 seed: int = 0, stain: StainAugment | None = None, **kwargs):
         super().__init__(**kwargs)
         self.model = model
         self.with_mask = with_mask
-        self.augment = BatchAugment(seed=seed, name="augment") if augment else None
+        stain_kwargs = stain.as_kwargs() if stain is not None else {}
+        self.augment = BatchAugment(seed=seed, name="augment", **stain_kwargs) if augment else None
 
     def build(self, input_shape):
         if not self.model.built:
