@@ -13,6 +13,8 @@ ARCHS: tuple[str, ...] = ("resnet34", "resnet50", "xception")
 HEADS: tuple[str, ...] = ("regression", "classification")
 #: Output activation of the regression head (clipped to [0, 1] only when decoding and serving).
 REGRESSION_ACTIVATIONS: tuple[str, ...] = ("linear", "sigmoid")
+#: Stain normalisation fitted on a reference and built into the segmenter (``cellnet.models.stain``).
+STAIN_NORMS: tuple[str, ...] = ("none", "reinhard", "macenko")
 #: Suffixes of PyTorch-world ResNet34 files (torchvision ``.pth``, timm ``.safetensors``).
 TORCH_SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".safetensors")
 

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cellnet.choices import ARCHS, DECODERS, HEADS, REGRESSION_ACTIVATIONS, UNITS
+from cellnet.choices import ARCHS, DECODERS, HEADS, REGRESSION_ACTIVATIONS, STAIN_NORMS, UNITS
 from cellnet.quiet import import_tensorflow
 from cellnet.training.presets import PRESETS
 
@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     _stain_flags(t)
     t.add_argument("--decoder", default="fpn", choices=DECODERS)
     t.add_argument("--disc", type=float, help=DISC_HELP + "; for --data prepared on the fly")
+    t.add_argument("--stain-norm", choices=STAIN_NORMS,
+                   help="stain normalisation fitted once and built into the model, so evaluation and the "
+                        "export normalise as training did (default none)")
+    t.add_argument("--stain-ref", metavar="DIR", help="images to fit --stain-norm on (default: the training regions)")
     t = tsub.add_parser("cellularity", help="direct cellularity model, or the SR cascade with --seg")
     _common_train(t)
     _unit(t)

@@ -5,9 +5,10 @@
 Each fold holds out one TCGA tissue-source site (A7, A8, AC: characters 6-7 of the barcode)
 and trains on the other two, so no site or patient is on both sides. Every variant is scored on
 the held-out site's whole regions against the same reference: 15-px discs (global Jaccard at
-0.5, as in training) and point detection (peaks of each class map matched one-to-one to the
-annotated nuclei within ``MATCH_RADIUS`` working-resolution px), which does not depend on the
-disc size a variant trained with. Variants (same seed and budget):
+0.5, as in training) and point detection (``cellnet.evaluation.points``: peaks of each class map
+matched one-to-one to the annotated nuclei within 6 working-resolution px, as ``cellnet evaluate
+--model`` scores), which does not depend on the disc size a variant trained with. Variants (same
+seed and budget):
 
 - ``eq2``: the soft Jaccard of eq. 2 as printed (per pixel), 15-px discs;
 - ``authors``: the released code's per-image soft Jaccard (cellnet's loss), 15-px discs;
@@ -29,8 +30,6 @@ SITES = ("A7", "A8", "AC")
 VARIANTS = {"eq2": ("eq2", 15.0), "authors": ("authors", 15.0), "authors_d12.5": ("authors", 12.5),
             "authors_bn0.99": ("authors+bn0.99", 15.0)}
 REFERENCE_DISC = 15.0
-MATCH_RADIUS = 6.0
-PEAK_WINDOW = 5
 
 
 def site_of(case: str) -> str:
@@ -79,21 +78,6 @@ def train_one(prepared: Path, run: Path, loss: str, epochs: int, seed: int) -> N
                                    epochs=epochs, seed=seed, progress=False))
 
 
-def detection_counts(maps: np.ndarray, points_xy: np.ndarray, labels: np.ndarray, cls: int):
-    """(true positives, predicted peaks, annotated points) of one class in one region."""
-    from scipy import ndimage
-    from scipy.optimize import linear_sum_assignment
-
-    m = maps[..., cls]
-    peaks = np.argwhere((m == ndimage.maximum_filter(m, size=PEAK_WINDOW)) & (m > 0.5))[:, ::-1]
-    truth = points_xy[labels == cls] / 2.0
-    if len(peaks) == 0 or len(truth) == 0:
-        return 0, len(peaks), len(truth)
-    dist = np.linalg.norm(peaks[:, None, :] - truth[None, :, :], axis=-1)
-    rows, cols = linear_sum_assignment(np.where(dist <= MATCH_RADIUS, dist, 1e6))
-    return int((dist[rows, cols] <= MATCH_RADIUS).sum()), len(peaks), len(truth)
-
-
 def score(run: Path, reference: Path, imported: Path) -> dict:
     from cellnet.quiet import import_tensorflow
 
@@ -103,18 +87,21 @@ def score(run: Path, reference: Path, imported: Path) -> dict:
     from cellnet.errors import Problems
     from cellnet.evaluation import metrics
     from cellnet.evaluation.engine import segment_regions
+    from cellnet.evaluation.points import detect, to_working
     from cellnet.training.runs import load_run_model
 
     regions = {r.name: r for r in read_regions(imported, Problems("fail"))}
     model = load_run_model(run)
     inter, union = np.zeros(4, np.int64), np.zeros(4, np.int64)
-    det = {c: np.zeros(3, np.int64) for c in CELL_CLASSES}
+    det = {c: np.zeros(3, np.int64) for c in CELL_CLASSES}  # tp, predicted, annotated
     for _, mask, maps, name in segment_regions(model, reference, "cells_val", progress=False):
         i, u = metrics.jaccard_counts(mask[None], maps[None], 0.5)
         inter, union = inter + i, union + u
         region = regions[name]
         for c in CELL_CLASSES:
-            det[c] += detection_counts(maps, region.points, region.labels, CLASSES.index(c))
+            points = to_working(region.points[region.labels == CLASSES.index(c)])
+            found = detect(maps[..., CLASSES.index(c)], points)[0]
+            det[c] += (found.tp, found.predicted, found.annotated)
     jaccard = metrics.jaccard_from_counts(inter, union)
     out = {f"jaccard_{c}": float(jaccard[c]) for c in CELL_CLASSES}
     for c, (tp, npred, ntrue) in det.items():
@@ -129,6 +116,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--rescore", action="store_true", help="score finished runs again (no training)")
     parser.add_argument("--one", nargs=4, metavar=("PREPARED", "RUN", "LOSS", "REFERENCE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -144,7 +132,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "cellnet.cli", "import", "--format", "brca-m2c",
                         "--src", args.src, "--out", str(imported)], check=True)
     results_path = work / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results = json.loads(results_path.read_text()) if results_path.is_file() and not args.rescore else {}
     for site in SITES:
         fold = work / f"fold_{site}"
         make_fold(imported, fold / "data", site)

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from cellnet.errors import CellnetError
 from cellnet.training.losses import ClassJaccard, SegmentationLoss
-from cellnet.models import FPN, BilinearUpSampling2D, CellSegmenter, ResNet34Backbone, Unet
+from cellnet.models import FPN, BilinearUpSampling2D, CellSegmenter, ResNet34Backbone, Unet, load_backbone_weights
 from conftest import calibrate_batchnorm
 
 TINY = 0.125
@@ -29,6 +29,11 @@ for path in sys.argv[2:]:
     np.save(path + ".npy", model(x, training=False).numpy())
     np.save(path + ".trainable.npy", len(model.trainable_weights))
 """
+
+
+#: Fitted Reinhard values of an H&E patch (any plausible values do here).
+REINHARD = {"method": "reinhard",
+            "params": {"target_mean": [-0.68, -0.073, 0.028], "target_std": [0.31, 0.06, 0.0105]}}
 
 
 def _images(n: int = 2, h: int = 64, w: int = 64, seed: int = 0) -> np.ndarray:
@@ -164,3 +169,39 @@ def test_keras_file_reloads_in_a_fresh_process(tmp_path):
         np.testing.assert_allclose(reloaded, predictions, rtol=1e-5, atol=1e-5)
         assert int(np.load(tmp_path / f"{name}.keras.trainable.npy")) == trainable
     assert expected["fpn"][1] < len(FPN(width=TINY).trainable_weights)
+
+
+def test_files_without_stain_norm_rebuild_the_plain_graph():
+    model = FPN(width=TINY)
+    config = model.get_config()
+    assert config["stain_norm"] is None
+    del config["stain_norm"]  # a file saved before stain normalisation existed
+    rebuilt = CellSegmenter.from_config(config)
+    assert [layer.name for layer in rebuilt.layers] == [layer.name for layer in model.layers]
+    assert "stain_norm" not in [layer.name for layer in rebuilt.layers]
+    none = CellSegmenter(ResNet34Backbone(width=TINY), stain_norm={"method": "none", "params": {}})
+    assert none.get_config()["stain_norm"] is None
+    assert [layer.name for layer in none.layers] == [layer.name for layer in model.layers]
+
+
+def test_stain_norm_feeds_encoder_and_unet_skip_and_keeps_freezing(tmp_path):
+    model = CellSegmenter(ResNet34Backbone(width=TINY), decoder="unet", stain_norm=REINHARD)
+    stain = model.get_layer("stain_norm")
+    assert stain.input is model.input
+    assert model.get_layer("unet_block5_concat").input[1] is stain.output
+    assert model.get_config()["stain_norm"] == REINHARD
+    trainable = len(model.trainable_weights)
+    model.backbone.trainable = False
+    assert len(model.trainable_weights) < trainable
+    x = _images(n=1)
+    frozen = len(model.trainable_weights)
+    model.save(tmp_path / "stain.keras")
+    reloaded = keras.saving.load_model(tmp_path / "stain.keras", compile=False)
+    assert len(reloaded.trainable_weights) == frozen
+    np.testing.assert_allclose(reloaded(x, training=False).numpy(), model(x, training=False).numpy(),
+                               atol=1e-6)
+    # a cascade's or a direct model's encoder still initialises from this file
+    backbone = ResNet34Backbone(width=TINY)
+    load_backbone_weights(backbone, tmp_path / "stain.keras")
+    for ours, theirs in zip(backbone.get_weights(), model.backbone.get_weights()):
+        np.testing.assert_array_equal(ours, theirs)

@@ -175,3 +175,26 @@ def test_a_torchvision_file_needs_the_torchvision_unit(synth_prepared, tmp_path)
                                            r"needs --unit torchvision \(not preact\)"):
         train_segmentation(tiny_config("segmentation", synth_prepared, tmp_path / "seg", init=f"imagenet:{weights}"))
     assert not (tmp_path / "seg").exists()
+
+
+def test_stain_normalisation_is_fitted_once_kept_in_the_run_and_built_into_the_model(synth_prepared, tmp_path):
+    run = tmp_path / "seg"
+    train_segmentation(tiny_config("segmentation", synth_prepared, run, stain_norm="reinhard", epochs=1,
+                                   steps_per_epoch=1))
+    record = json.loads((run / "stain.json").read_text())
+    assert record["method"] == "reinhard" and record["reference"] == "training regions" and record["images"] > 0
+    model = keras.saving.load_model(run / "best.keras", compile=False)
+    assert model.get_config()["stain_norm"] == {"method": "reinhard", "params": record["params"]}
+    assert model.get_layer("stain_norm").__class__.__name__ == "ReinhardNormalization"
+
+
+@pytest.mark.parametrize("values, needle", [
+    (dict(stain_ref="{tmp}"), "--stain-ref: needs --stain-norm reinhard or macenko"),
+    (dict(stain_norm="macenko", stain_ref="{tmp}/nope"), "nope: not a folder of reference images"),
+    (dict(stain_norm="macenko", stain_ref="{tmp}"), "holds no .tif/.png/.jpg images"),
+])
+def test_bad_stain_reference_is_refused_before_the_run(synth_prepared, tmp_path, values, needle):
+    values = {k: v.format(tmp=tmp_path) for k, v in values.items()}
+    with pytest.raises(CellnetError, match=needle):
+        train_segmentation(tiny_config("segmentation", synth_prepared, tmp_path / "seg", **values))
+    assert not (tmp_path / "seg").exists()

@@ -1,8 +1,9 @@
 """Stage 2, models: what a network is (how it is run over data lives in the stages after it).
 
-The ResNet34-ELU backbone (``backbone``), the FPN / U-Net decoders (``decoders``) and the
-segmentation task (``segmenter``), the cellularity models (``cellularity``), the 81 map
-features (``features``) and the XGBoost ensemble as TF ops (``gbt``). Importing this package
+The ResNet34-ELU backbone (``backbone``), the FPN / U-Net decoders (``decoders``), the
+segmentation task (``segmenter``) with its optional stain normalisation (``stain``), the
+cellularity models (``cellularity``), the 81 map features (``features``) and the XGBoost
+ensemble as TF ops (``gbt``). Importing this package
 registers every custom Keras object these models save.
 """
 from cellnet.models.backbone import ResNet34Backbone, load_backbone_weights
@@ -23,6 +24,12 @@ from cellnet.models.decoders import (
 from cellnet.models.features import FEATURE_NAMES, FeatureExtractor, extract_features
 from cellnet.models.gbt import GBTCellularity, GBTEnsemble
 from cellnet.models.segmenter import FPN, CellSegmenter, Unet
+from cellnet.models.stain import (
+    MacenkoNormalization,
+    ReinhardNormalization,
+    fit_stain,
+    stain_layer,
+)
 
 __all__ = [
     "BIN_CENTRES",
@@ -34,6 +41,8 @@ __all__ = [
     "FEATURE_NAMES",
     "GBTCellularity",
     "GBTEnsemble",
+    "MacenkoNormalization",
+    "ReinhardNormalization",
     "FeatureExtractor",
     "FreezableSpatialDropout2D",
     "ResNet34Backbone",
@@ -42,7 +51,9 @@ __all__ = [
     "decode_bins",
     "decode_bins_np",
     "extract_features",
+    "fit_stain",
     "fpn_decoder",
     "load_backbone_weights",
+    "stain_layer",
     "unet_decoder",
 ]

@@ -6,6 +6,7 @@ import keras
 from cellnet.errors import CellnetError
 from cellnet.models.backbone import ResNet34Backbone, scaled_filters, set_trainable
 from cellnet.models.decoders import fpn_decoder, unet_decoder
+from cellnet.models.stain import stain_layer
 
 DECODERS: tuple[str, ...] = ("fpn", "unet")
 #: Decoder widths at backbone width 1.0; they scale with the backbone's width.
@@ -28,6 +29,10 @@ class CellSegmenter(keras.Model):
         num_classes: output channels (4: ``cellnet.classes.CLASSES``).
         activation: final activation, ``"sigmoid"`` in the paper (classes may overlap).
         dropout: SpatialDropout2D rate on the decoder's stride-4 maps (0.5 in the paper).
+        stain_norm: ``None`` or ``{"method": "reinhard" | "macenko", "params": fit_stain(...)}``:
+            a fitted stain normalisation layer (``stain_norm``, ``cellnet.models.stain``) runs on
+            the input before the encoder, so every caller of the model (evaluation, the SR
+            cascade, the GBT, the SavedModel) normalises as training did.
         **kwargs: passed to ``keras.Model`` (``name``, ``trainable``, ``dtype``).
 
     Inputs are float images scaled to [-1, 1], shape ``(N, H, W, 3)`` with H and W
@@ -51,6 +56,7 @@ class CellSegmenter(keras.Model):
         num_classes: int = 4,
         activation: str = "sigmoid",
         dropout: float = 0.5,
+        stain_norm: dict | None = None,
         **kwargs,
     ):
         if decoder not in DECODERS:
@@ -61,12 +67,13 @@ class CellSegmenter(keras.Model):
 
         # === Layers ===
         self.backbone = backbone
+        stain = _stain_layer(stain_norm)
 
         # === Functional Model ===
-        inputs = backbone.input
+        inputs, image, pyramid = _encoder_graph(backbone, stain)
         if decoder == "fpn":
             outputs = fpn_decoder(
-                backbone.pyramid_outputs,
+                pyramid,
                 num_classes=num_classes,
                 pyramid_filters=scaled_filters(FPN_PYRAMID_FILTERS, backbone.width, backbone.channel_multiple),
                 top_down_filters=scaled_filters(FPN_TOP_DOWN_FILTERS, backbone.width, backbone.channel_multiple),
@@ -75,8 +82,8 @@ class CellSegmenter(keras.Model):
             )
         else:
             outputs = unet_decoder(
-                backbone.pyramid_outputs,
-                inputs,
+                pyramid,
+                image,
                 num_classes=num_classes,
                 filters=tuple(scaled_filters(f, backbone.width, backbone.channel_multiple)
                              for f in UNET_FILTERS),
@@ -92,6 +99,7 @@ class CellSegmenter(keras.Model):
         self.num_classes = num_classes
         self.activation = activation
         self.dropout = dropout
+        self.stain_norm = None if stain is None else {"method": stain_norm["method"], "params": stain.params}
 
     def get_config(self) -> dict:
         return {
@@ -102,6 +110,7 @@ class CellSegmenter(keras.Model):
             "num_classes": self.num_classes,
             "activation": self.activation,
             "dropout": self.dropout,
+            "stain_norm": self.stain_norm,
         }
 
     @classmethod
@@ -109,6 +118,32 @@ class CellSegmenter(keras.Model):
         config = dict(config)
         config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
         return cls(**config)
+
+
+def _encoder_graph(backbone: ResNet34Backbone, stain: keras.layers.Layer | None):
+    """(model input, image the decoder sees, pyramid) without or with stain normalisation.
+
+    Without, the backbone's own graph is the segmenter's (its layers at the top level, as
+    in files saved before stain normalisation). With, the backbone's pyramid runs as one
+    nested model on the normalised image; its layers are the backbone's own objects, so
+    freezing ``segmenter.backbone`` still freezes the encoder.
+    """
+    if stain is None:
+        return backbone.input, backbone.input, backbone.pyramid_outputs
+    inputs = keras.Input(shape=backbone.input.shape[1:], name="image")
+    image = stain(inputs)
+    pyramid = keras.Model(backbone.input, backbone.pyramid_outputs, name=f"{backbone.name}_pyramid")
+    return inputs, image, pyramid(image)
+
+
+def _stain_layer(stain_norm: dict | None) -> keras.layers.Layer | None:
+    """The ``stain_norm`` argument's layer (None for no normalisation)."""
+    if stain_norm is None:
+        return None
+    if not isinstance(stain_norm, dict) or "method" not in stain_norm:
+        raise CellnetError(f"stain_norm {stain_norm!r}: expected None or "
+                           "{'method': 'none' | 'reinhard' | 'macenko', 'params': {...}}")
+    return stain_layer(stain_norm["method"], stain_norm.get("params", {}))
 
 
 def _build(decoder: str, backbone: ResNet34Backbone | None, classes: int, activation: str,

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from cellnet.choices import is_torch_weights
+from cellnet.choices import STAIN_NORMS, is_torch_weights
 from cellnet.errors import CellnetError, bad
 from cellnet.training.presets import preset
 
@@ -24,7 +24,7 @@ FLAGS = {"preset": "--preset", "decoder": "--decoder", "unit": "--unit", "disc":
          "seg": "--seg", "epochs": "--epochs", "batch_size": "--batch-size", "seed": "--seed",
          "init": "--init", "strategy": "--strategy", "precision": "--precision", "jit": "--jit",
          "augment_on": "--augment-on", "on_bad": "--on-bad", "group_by": "--group-by",
-         "stain_aug": "--stain-aug", "hed": "--hed", "brightness": "--brightness", "contrast": "--contrast",
+         "stain_norm": "--stain-norm", "stain_ref": "--stain-ref", "stain_aug": "--stain-aug", "hed": "--hed", "brightness": "--brightness", "contrast": "--contrast",
          "blur": "--blur", "blur_prob": "--blur-prob", "noise": "--noise"}
 
 
@@ -135,6 +135,24 @@ class SegmentationConfig(NetworkConfig):
     #: Weak-mask disc diameter (working-resolution px) for data prepared on the fly; None: 15, or
     #: what a prepared ``--data`` was drawn with.
     disc: float | None = None
+    #: Stain normalisation built into the segmenter (``cellnet.models.stain``), fitted on
+    #: ``stain_ref`` (a folder of images) or, without it, on the training regions.
+    stain_norm: str | None = None
+    stain_ref: str | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.stain_norm not in (None, *STAIN_NORMS):
+            raise CellnetError(f"--stain-norm: expected one of {', '.join(STAIN_NORMS)}, got {self.stain_norm!r}")
+        if self.stain_ref is not None:
+            if self.stain_norm in (None, "none"):
+                raise CellnetError("--stain-ref: needs --stain-norm reinhard or macenko")
+            from cellnet.data.breastpathq import list_images
+
+            if not Path(self.stain_ref).is_dir():
+                raise bad(self.stain_ref, "not a folder of reference images (--stain-ref DIR)")
+            if not list_images(Path(self.stain_ref)):
+                raise bad(self.stain_ref, "holds no .tif/.png/.jpg images to fit --stain-norm on")
 
 
 @dataclass

@@ -32,7 +32,7 @@ RUN_FILE = "run.json"
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.json"
 #: Keys an interrupted run must keep: resuming with others would continue another model.
-RESUME_KEYS = ("task", "decoder", "unit", "disc", "group_by", "arch", "head", "regression_activation",
+RESUME_KEYS = ("task", "decoder", "unit", "disc", "group_by", "stain_norm", "arch", "head", "regression_activation",
                "preset", "seg")
 #: Written when a full disk stops a run: nothing already committed is lost.
 RESUMABLE = "what was saved before is kept, and the same command resumes the run"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import keras
@@ -11,11 +12,14 @@ import tensorflow as tf
 from cellnet.choices import is_torch_weights
 from cellnet.classes import CELL_CLASSES, CLASSES
 from cellnet.data.augment import StainAugment
-from cellnet.data.pipeline import cellularity_dataset, patch_records, segmentation_dataset, split_count
+from cellnet.data.breastpathq import list_images
+from cellnet.data.imageio import read_rgb
+from cellnet.data.pipeline import (cellularity_dataset, patch_records, region_records, segmentation_dataset,
+                                   split_count)
 from cellnet.data.records import ensure_prepared
 from cellnet.errors import CellnetError, bad
-from cellnet.files import atomic_path, writing
-from cellnet.preprocess import IMAGES_SPEC, WORKING_SIZE, to_model_input
+from cellnet.files import atomic_path, write_text, writing
+from cellnet.preprocess import IMAGES_SPEC, WORKING_SIZE, downsample, to_model_input
 from cellnet.training.config import CascadeConfig, CellularityConfig, GBTConfig, RunConfig, SegmentationConfig
 from cellnet.training.runs import (RESUMABLE, check_run, copy_atomic, finish_run, load_run_model, open_run,
                                    read_run, require_complete, save_model_atomic, timed, write_run)
@@ -74,6 +78,39 @@ def _fit(trainer: AugmentedTrainer, train_ds, val_ds, cfg: RunConfig, run: Path,
 
 # ----------------------------------------------------------------------------- segmentation
 
+#: The fitted stain normalisation of a run (method, params, what it was fitted on).
+STAIN_FILE = "stain.json"
+#: Reference images a stain normalisation is fitted on, at most (pixels are pooled).
+MAX_STAIN_REFERENCES = 64
+
+
+def _stain_reference(cfg: SegmentationConfig, prepared: Path) -> tuple[list[np.ndarray], str]:
+    """Full-resolution reference images: ``--stain-ref DIR``'s, else the training regions."""
+    if cfg.stain_ref:
+        files = list_images(Path(cfg.stain_ref))[:MAX_STAIN_REFERENCES]
+        return [read_rgb(f) for f in files], str(cfg.stain_ref)
+    records = region_records(prepared, "cells_train").take(MAX_STAIN_REFERENCES)
+    return [ex["image"].numpy() for ex in records], "training regions"
+
+
+def _stain_norm(cfg: SegmentationConfig, run: Path, prepared: Path) -> dict | None:
+    """``--stain-norm``'s layer config, fitted once at working resolution and kept in the run."""
+    from cellnet.models.stain import fit_stain
+
+    if cfg.stain_norm in (None, "none"):
+        return None
+    path = run / STAIN_FILE
+    if path.is_file():  # a resumed run keeps the normalisation it started with
+        record = json.loads(path.read_text())
+        return {"method": record["method"], "params": record["params"]}
+    images, source = _stain_reference(cfg, prepared)
+    working = [downsample(tf.constant(image[None]))[0].numpy() for image in images]
+    params = fit_stain(cfg.stain_norm, working)
+    record = {"method": cfg.stain_norm, "params": params, "reference": source, "images": len(images)}
+    write_text(path, json.dumps(record, indent=2), RESUMABLE)
+    return {"method": cfg.stain_norm, "params": params}
+
+
 def train_segmentation(cfg: SegmentationConfig) -> dict:
     from cellnet.training.losses import ClassJaccard, SegmentationLoss
     from cellnet.models import CellSegmenter, ResNet34Backbone, load_backbone_weights
@@ -96,12 +133,13 @@ def train_segmentation(cfg: SegmentationConfig) -> dict:
     preview = next(iter((val_ds or train_ds).take(1)))[0][:4]
     if preview.dtype != tf.uint8:
         preview = tf.cast(preview * 255.0, tf.uint8)
+    stain_norm = _stain_norm(cfg, run, prepared)
     with strategy.scope():
         backbone = ResNet34Backbone(unit=cfg.unit, width=cfg.width, name="backbone",
                                     input_norm="imagenet" if is_torch_weights(init_path) else "none")
         if init_path:
             load_backbone_weights(backbone, init_path)
-        model = CellSegmenter(backbone, decoder=cfg.decoder, name=f"{cfg.decoder}_segmenter")
+        model = CellSegmenter(backbone, decoder=cfg.decoder, stain_norm=stain_norm, name=f"{cfg.decoder}_segmenter")
         trainer = AugmentedTrainer(model, augment=cfg.augment_on == "device", with_mask=True, seed=cfg.seed,
                                    stain=stain)
         trainer.compile(
