@@ -14,7 +14,10 @@ seed and budget):
 - ``authors``: the released code's per-image soft Jaccard (cellnet's loss), 15-px discs;
 - ``authors_d12.5``: the same with the authors' 12.5-px discs;
 - ``authors_bn0.99``: the same with 15-px discs and Keras's BatchNormalization momentum 0.99
-  (the authors' Keras 2 default) instead of cellnet's 0.9.
+  (the authors' Keras 2 default) instead of cellnet's 0.9;
+- ``stain_aug``, ``macenko``, ``reinhard``: cellnet's loss and 15-px discs with stain
+  augmentation (``--stain-aug``) or a stain normalisation fitted on the training regions;
+- ``tissue_cpu``: the ``tissue-cpu`` preset as it stands.
 """
 from __future__ import annotations
 
@@ -27,8 +30,12 @@ from pathlib import Path
 import numpy as np
 
 SITES = ("A7", "A8", "AC")
-VARIANTS = {"eq2": ("eq2", 15.0), "authors": ("authors", 15.0), "authors_d12.5": ("authors", 12.5),
-            "authors_bn0.99": ("authors+bn0.99", 15.0)}
+#: name -> how it differs: ``loss`` (eq2), ``disc``, ``bn`` (momentum), ``config`` (train overrides).
+VARIANTS: dict[str, dict] = {
+    "eq2": {"loss": "eq2"}, "authors": {}, "authors_d12.5": {"disc": 12.5}, "authors_bn0.99": {"bn": 0.99},
+    "stain_aug": {"config": {"stain_aug": True}}, "macenko": {"config": {"stain_norm": "macenko"}},
+    "reinhard": {"config": {"stain_norm": "reinhard"}}, "tissue_cpu": {"config": {"preset": "tissue-cpu"}},
+}
 REFERENCE_DISC = 15.0
 
 
@@ -60,7 +67,7 @@ def eq2_jaccard(y_true, y_pred):
     return tf.reduce_mean(tf.math.divide_no_nan(y * p, y + p - y * p), axis=(1, 2))
 
 
-def train_one(prepared: Path, run: Path, loss: str, epochs: int, seed: int) -> None:
+def train_one(prepared: Path, run: Path, spec: dict, epochs: int | None, seed: int) -> None:
     from cellnet.quiet import import_tensorflow
 
     import_tensorflow()
@@ -69,13 +76,13 @@ def train_one(prepared: Path, run: Path, loss: str, epochs: int, seed: int) -> N
     from cellnet.training.config import make_config
     from cellnet.training.tasks import train_segmentation
 
-    loss, _, momentum = loss.partition("+bn")
-    if loss == "eq2":
+    if spec.get("loss") == "eq2":
         losses.soft_jaccard = eq2_jaccard
-    if momentum:
-        backbone.BN_MOMENTUM = decoders.BN_MOMENTUM = float(momentum)
-    train_segmentation(make_config("segmentation", data=str(prepared), run=str(run), preset="cpu",
-                                   epochs=epochs, seed=seed, progress=False))
+    if "bn" in spec:
+        backbone.BN_MOMENTUM = decoders.BN_MOMENTUM = float(spec["bn"])
+    values = {"preset": "cpu", **({"epochs": epochs} if epochs else {}), **spec.get("config", {})}
+    train_segmentation(make_config("segmentation", data=str(prepared), run=str(run), seed=seed,
+                                   progress=False, **values))
 
 
 def score(run: Path, reference: Path, imported: Path) -> dict:
@@ -113,25 +120,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", default="../shared/real/brca-m2c")
     parser.add_argument("--work", default="/tmp/loso")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, help="override the preset's epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--rescore", action="store_true", help="score finished runs again (no training)")
-    parser.add_argument("--one", nargs=4, metavar=("PREPARED", "RUN", "LOSS", "REFERENCE"),
+    parser.add_argument("--results", default="results.json", help="file under --work to keep the figures in")
+    parser.add_argument("--one", nargs=4, metavar=("PREPARED", "RUN", "SPEC", "REFERENCE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = Path(args.work)
     imported = work / "imported"
     if args.one:
-        prepared, run, loss, reference = args.one
+        prepared, run, spec, reference = args.one
         if not (Path(run) / "best.keras").is_file():
-            train_one(Path(prepared), Path(run), loss, args.epochs, args.seed)
+            train_one(Path(prepared), Path(run), json.loads(spec), args.epochs, args.seed)
         print(json.dumps(score(Path(run), Path(reference), imported)))
         return
     if not imported.is_dir():
         subprocess.run([sys.executable, "-m", "cellnet.cli", "import", "--format", "brca-m2c",
                         "--src", args.src, "--out", str(imported)], check=True)
-    results_path = work / "results.json"
+    results_path = work / args.results
     results = json.loads(results_path.read_text()) if results_path.is_file() and not args.rescore else {}
     for site in SITES:
         fold = work / f"fold_{site}"
@@ -140,16 +148,18 @@ def main() -> None:
             key = f"{site}/{variant}"
             if key in results:
                 continue
-            loss, disc = VARIANTS[variant]
+            spec = VARIANTS[variant]
+            disc = spec.get("disc", REFERENCE_DISC)
             prepared = {d: fold / f"prepared_d{d:g}" for d in {disc, REFERENCE_DISC}}
             for d, path in prepared.items():
                 if not (path / "manifest.json").is_file():
                     subprocess.run([sys.executable, "-m", "cellnet.cli", "prepare", "--data", str(fold / "data"),
                                     "--out", str(path), "--disc", str(d), "--quiet"], check=True)
-            run = fold / "runs" / f"{variant}_e{args.epochs}_s{args.seed}"
-            done = subprocess.run([sys.executable, "-m", "evaluate.site_ab", "--work", str(work),
-                                   "--epochs", str(args.epochs), "--seed", str(args.seed), "--one",
-                                   str(prepared[disc]), str(run), loss, str(prepared[REFERENCE_DISC])],
+            run = fold / "runs" / f"{variant}_e{args.epochs or 'preset'}_s{args.seed}"
+            epochs = ["--epochs", str(args.epochs)] if args.epochs else []
+            done = subprocess.run([sys.executable, "-m", "evaluate.site_ab", "--work", str(work), *epochs,
+                                   "--seed", str(args.seed), "--one",
+                                   str(prepared[disc]), str(run), json.dumps(spec), str(prepared[REFERENCE_DISC])],
                                   check=True, capture_output=True, text=True)
             results[key] = json.loads(done.stdout.strip().splitlines()[-1])
             results_path.write_text(json.dumps(results, indent=2))

@@ -112,8 +112,8 @@ def test_a_flag_of_another_task_is_refused(tmp_path, capsys):
     (["train", "cellularity", "--unit", "authors"], "unit", "authors"),
     (["train", "cellularity", "--seg", "S", "--unit", "authors"], "unit", "authors"),
     (["train", "segmentation", "--disc", "12.5"], "disc", 12.5),
-    (["train", "cellularity", "--regression-activation", "sigmoid"], "regression_activation", "sigmoid"),
-    (["train", "cellularity", "--seg", "S", "--regression-activation", "sigmoid"], "regression_activation", "sigmoid"),
+    (["train", "cellularity", "--regression-activation", "linear"], "regression_activation", "linear"),
+    (["train", "cellularity", "--seg", "S", "--regression-activation", "linear"], "regression_activation", "linear"),
 ])
 def test_train_flags_reach_the_run_config(argv, field, value, tmp_path):
     from cellnet.training.config import make_config
@@ -169,3 +169,15 @@ def test_impossible_stain_settings_are_one_line_before_any_run(tmp_path, capsys)
     assert code == 2
     assert capsys.readouterr().err.strip() == "cellnet train segmentation: error: --hed: expected < 1, got 1.5"
     assert not (tmp_path / "r").exists()
+
+
+def test_presets_choose_the_regression_output_and_classification_refuses_it(tmp_path):
+    from cellnet.errors import CellnetError
+    from cellnet.training.config import make_config
+
+    common = dict(data=str(tmp_path), run=str(tmp_path / "r"))
+    assert make_config("cellularity", preset="paper", **common).resolve().regression_activation == "linear"
+    assert make_config("cascade", preset="paper", seg="s", **common).resolve().regression_activation == "linear"
+    assert make_config("cellularity", preset="cpu", **common).resolve().regression_activation == "sigmoid"
+    with pytest.raises(CellnetError, match="^--regression-activation: does not apply to --head classification"):
+        make_config("cellularity", head="classification", regression_activation="linear", **common)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 
 from cellnet.data.augment import BatchAugment, StainAugment
@@ -121,6 +122,12 @@ def patch_records(prepared: str | os.PathLike, split: str, batch_size: int = 16)
     """Unshuffled patch dicts (image, y, truth, slide, rid, patient) for evaluation."""
     ds = _records(split_files(prepared, split), training=False, seed=0)
     return ds.map(decode_patch, num_parallel_calls=AUTOTUNE).batch(batch_size).prefetch(AUTOTUNE)
+
+
+def split_mean(prepared: str | os.PathLike, split: str = "train", target: str = "y") -> float:
+    """Mean cellularity score of a split (the baseline, and where a linear head starts)."""
+    values = [float(v) for batch in patch_records(prepared, split, 64) for v in batch[target].numpy()]
+    return float(np.mean(values))
 
 
 def _pad_to(image: tf.Tensor, mask: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:

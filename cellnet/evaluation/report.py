@@ -13,7 +13,7 @@ import pandas as pd
 from cellnet.evaluation import metrics
 from cellnet.evaluation import plots
 from cellnet.classes import CELL_CLASSES
-from cellnet.data.pipeline import patch_records
+from cellnet.data.pipeline import split_mean
 from cellnet.evaluation.engine import predict_patches, segment_regions
 from cellnet.errors import bad
 from cellnet.files import atomic_dir
@@ -120,7 +120,7 @@ def _evaluate_into(folder: Path, prepared: Path, infos: dict, split: str, seed: 
             **({"mse_vs_truth": metrics.mse(frame["truth"], frame["p"])} if frame["truth"].notna().all() else {}),
         })
     if results["cellularity"]:
-        train_mean = _train_mean(prepared)
+        train_mean = split_mean(prepared, "train")
         y = np.asarray(results["cellularity"][0]["y"])
         results["baseline"] = {"train_mean": train_mean,
                                "mse": metrics.mse_ci(y, np.full_like(y, train_mean), n_boot=n_boot, seed=seed).as_dict()}
@@ -130,11 +130,6 @@ def _evaluate_into(folder: Path, prepared: Path, infos: dict, split: str, seed: 
     if results["segmentation"]:
         pd.DataFrame(results["segmentation"]).to_csv(folder / "segmentation_metrics.csv", index=False)
     return results
-
-
-def _train_mean(prepared: Path) -> float:
-    ys = [float(b) for batch in patch_records(prepared, "train", 64) for b in batch["y"].numpy()]
-    return float(np.mean(ys))
 
 
 def _compare(rows: list[dict], y: np.ndarray, train_mean: float, n_boot: int, seed: int) -> dict:

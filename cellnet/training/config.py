@@ -162,13 +162,8 @@ class CellularityConfig(NetworkConfig):
     task: str = "cellularity"
     arch: str = "resnet34"
     head: str = "regression"
-    regression_activation: str = "linear"
+    regression_activation: str | None = None
     target: str = "y"
-
-    def validate(self) -> None:
-        super().validate()
-        if self.head == "classification" and self.regression_activation != "linear":
-            raise CellnetError("--regression-activation: does not apply to --head classification (softmax over bins)")
 
 
 @dataclass
@@ -179,7 +174,7 @@ class CascadeConfig(NetworkConfig):
     seg: str | None = None
     finetune_epochs: int | None = None
     finetune_lr: float | None = None
-    regression_activation: str = "linear"
+    regression_activation: str | None = None
     target: str = "y"
 
 
@@ -214,4 +209,6 @@ def make_config(task: str, **values) -> RunConfig:
     wrong = sorted(k for k, v in values.items() if k not in names and v is not None)
     if wrong:
         raise CellnetError(f"{_flag(wrong[0])}: does not apply to the {task} task")
+    if values.get("head") == "classification" and values.get("regression_activation") is not None:
+        raise CellnetError("--regression-activation: does not apply to --head classification (softmax over bins)")
     return CONFIGS[task](**{k: v for k, v in values.items() if k in names and k != "task" and v is not None})
