@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"run complete: {args.run} ({info.get('kind')}, best epoch {info.get('best_epoch', '-')}, "
               f"{info.get('best', info.get('val_mse', ''))})")
     elif args.command == "evaluate" and args.model:
-        from cellnet.evaluation.folder import evaluate_folder
+        from cellnet.serving.scoring import evaluate_folder
         summary = evaluate_folder(args.data, args.model, args.out, progress=not quiet)
         print(f"scored {summary['regions']} region(s): {summary['csv']}")
     elif args.command == "evaluate":

@@ -22,7 +22,7 @@ from cellnet.data.breastpathq import read_regions, region_file_stem, write_key_x
 from cellnet.data.imageio import read_rgb, write_image
 from cellnet.data.masks import DISC_DIAMETER, points_to_mask
 from cellnet.errors import CellnetError, Problems
-from cellnet.evaluation.folder import CSV_NAME, evaluate_folder
+from cellnet.serving.scoring import CSV_NAME, evaluate_folder
 from cellnet.evaluation.points import MATCH_RADIUS, Detection, detect, find_peaks, match_points, to_working
 from cellnet.models import CellSegmenter, ResNet34Backbone
 from cellnet.preprocess import IMAGES_SPEC
