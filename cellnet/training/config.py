@@ -116,10 +116,6 @@ class NetworkConfig(RunConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("hed", "brightness", "contrast", "blur", "blur_prob", "noise"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value >= 0):
-                raise CellnetError(f"{_flag(name)}: must be 0 (off) or more, got {value}")
         if self.init.startswith("imagenet:") and is_torch_weights(self.init) and self.unit != "torchvision":
             raise CellnetError(f"--init {self.init}: a torchvision/timm ResNet34 file needs --unit torchvision "
                                f"(not {self.unit}): its layers are conv -> BN -> activation")

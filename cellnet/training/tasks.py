@@ -20,7 +20,8 @@ from cellnet.data.records import ensure_prepared
 from cellnet.errors import CellnetError, bad
 from cellnet.files import atomic_path, write_text, writing
 from cellnet.preprocess import IMAGES_SPEC, WORKING_SIZE, downsample, to_model_input
-from cellnet.training.config import CascadeConfig, CellularityConfig, GBTConfig, RunConfig, SegmentationConfig
+from cellnet.training.config import (CascadeConfig, CellularityConfig, GBTConfig, NetworkConfig, RunConfig,
+                                     SegmentationConfig)
 from cellnet.training.runs import (RESUMABLE, check_run, copy_atomic, finish_run, load_run_model, open_run,
                                    read_run, require_complete, save_model_atomic, timed, write_run)
 from cellnet.training.trainer import AugmentedTrainer, configure_runtime, fit, lr_schedule
@@ -44,7 +45,8 @@ _STAIN_FLAGS = {"hed_scale": "--hed", "hed_shift": "--hed", "brightness": "--bri
 
 def _stain(cfg: RunConfig) -> StainAugment | None:
     """The run's stain augmentation, from ``--stain-aug`` / ``--hed`` ... or the preset; None if off."""
-    settings = cfg.stain_settings() if hasattr(cfg, "stain_settings") else None
+    # StainAugment validates the values (one place); GBT runs have no augmentation at all
+    settings = cfg.stain_settings() if isinstance(cfg, NetworkConfig) else None
     if settings is None:
         return None
     base = StainAugment() if settings.pop("defaults") else StainAugment.off()
@@ -165,13 +167,13 @@ def _cellularity_compile(trainer: AugmentedTrainer, head: str, lr, jit: bool) ->
                     metrics=[CellularityMSE(head=head, name="mse")], jit_compile=jit)
 
 
-def _cellularity_data(cfg: RunConfig, prepared: Path):
+def _cellularity_data(cfg: RunConfig, prepared: Path, stain: StainAugment | None):
     n_train = _require(prepared, "train", "train a cellularity model on")
     n_val = split_count(prepared, "val")
     batch = min(cfg.batch_size, n_train)
     steps = cfg.steps_per_epoch or max(1, n_train // batch)
     train_ds = cellularity_dataset(prepared, "train", batch, training=True, seed=cfg.seed,
-                                   augment_on=cfg.augment_on, target=cfg.target, repeat=True, stain=_stain(cfg))
+                                   augment_on=cfg.augment_on, target=cfg.target, repeat=True, stain=stain)
     val_ds = cellularity_dataset(prepared, "val", min(batch, n_val), target=cfg.target) if n_val else None
     return train_ds, val_ds, steps
 
@@ -190,13 +192,14 @@ def train_cellularity(cfg: CellularityConfig | CascadeConfig) -> dict:
     init_path = cfg.init_path
     run, prepared = _open(cfg)
     strategy = configure_runtime(cfg)
-    train_ds, val_ds, steps = _cellularity_data(cfg, prepared)
+    stain = _stain(cfg)
+    train_ds, val_ds, steps = _cellularity_data(cfg, prepared, stain)
     with strategy.scope():
         model = DirectCellularity(arch=cfg.arch, head=cfg.head, width=cfg.width, unit=cfg.unit,
                                   regression_activation=cfg.regression_activation,
                                   input_norm="imagenet" if is_torch_weights(init_path) else "none",
                                   weights=init_path, name=f"{cfg.arch}_{cfg.head}")
-        trainer = AugmentedTrainer(model, augment=cfg.augment_on == "device", seed=cfg.seed, stain=_stain(cfg))
+        trainer = AugmentedTrainer(model, augment=cfg.augment_on == "device", seed=cfg.seed, stain=stain)
         _cellularity_compile(trainer, cfg.head, lr_schedule(cfg.lr, cfg.lr_final, cfg.epochs * steps), cfg.jit)
         trainer(tf.zeros([1, WORKING_SIZE, WORKING_SIZE, 3], tf.uint8))
     monitor = "val_mse" if val_ds is not None else "mse"
@@ -220,7 +223,8 @@ def train_cascade(cfg: CascadeConfig) -> dict:
     run, prepared = _open(cfg)
     info = read_run(run)
     strategy = configure_runtime(cfg)
-    train_ds, val_ds, steps = _cellularity_data(cfg, prepared)
+    stain = _stain(cfg)
+    train_ds, val_ds, steps = _cellularity_data(cfg, prepared, stain)
     monitor = "val_mse" if val_ds is not None else "mse"
     with strategy.scope():
         if info.get("head_complete"):
@@ -234,7 +238,7 @@ def train_cascade(cfg: CascadeConfig) -> dict:
                 from cellnet.models import load_backbone_weights
                 load_backbone_weights(cascade.regressor, init_path)
         trainer = AugmentedTrainer(cascade, augment=cfg.augment_on == "device", seed=cfg.seed,
-                                       stain=_stain(cfg))
+                                       stain=stain)
     if not info.get("head_complete"):
         with strategy.scope():
             cascade.set_phase("head")
@@ -247,7 +251,7 @@ def train_cascade(cfg: CascadeConfig) -> dict:
         cascade = load_run_model(run, "head_best")
         with strategy.scope():
             trainer = AugmentedTrainer(cascade, augment=cfg.augment_on == "device", seed=cfg.seed,
-                                       stain=_stain(cfg))
+                                       stain=stain)
     with strategy.scope():
         cascade.set_phase("finetune")
         _cellularity_compile(trainer, "regression", cfg.finetune_lr, cfg.jit)
