@@ -18,8 +18,8 @@ PRESETS: dict[str, dict[str, dict]] = {
                       crop=256, steps_per_epoch=None),
         "cpu": dict(epochs=10, batch_size=8, lr=2e-3, lr_final=2e-4, width=0.25, unit="preact",
                     crop=128, steps_per_epoch=12),
-        # real tissue on two CPU cores in about 10 minutes: the cpu network trained 8x longer
-        # with stain augmentation (README, "Real tissue from an unseen hospital")
+        # real tissue on two CPU cores (875 s measured while sharing them): the cpu network trained 8x longer
+        # with stain augmentation (README, "Real tissue from a hospital the model has not seen")
         "tissue-cpu": dict(epochs=80, batch_size=8, lr=2e-3, lr_final=2e-4, width=0.25, unit="preact",
                            crop=128, steps_per_epoch=12, stain_aug=True),
     },
