@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cellnet.choices import ARCHS, DECODERS, HEADS, REGRESSION_ACTIVATIONS, STAIN_NORMS, UNITS
+from cellnet.choices import ARCHS, DECODERS, HEADS, REGRESSION_ACTIVATIONS, STAIN_NORMS, TTA_MODES, UNITS
 from cellnet.quiet import import_tensorflow
 from cellnet.training.presets import PRESETS
 
@@ -130,7 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("export", help="SavedModel for TF Serving: saved_models/NAME/VERSION")
-    p.add_argument("--run", required=True)
+    p.add_argument("--run", required=True, action="append",
+                   help="run folder; repeat it to export one ensemble of cellularity runs")
+    p.add_argument("--weights", help="w1,w2,...: one weight per --run for the ensemble mean (default equal)")
+    p.add_argument("--tta", default="none", choices=TTA_MODES,
+                   help="test-time augmentation in the graph: flips (x2) or d4 (x8, flips and rotations); "
+                        "adds cellularity_std (default none)")
     p.add_argument("--out", required=True, help="saved_models/NAME")
     p.add_argument("--version", type=int, help="version number (default: next free)")
 
@@ -200,8 +205,9 @@ def run(args: argparse.Namespace) -> int:
         out = evaluate(args.data, args.runs, args.out, split=args.split, seed=args.seed, progress=not quiet)
         print(f"report: {out / 'report.md'}")
     elif args.command == "export":
-        from cellnet.serving.export import export_run
-        path = export_run(args.run, args.out, version=args.version)
+        from cellnet.serving.export import export_run, parse_weights
+        path = export_run(args.run, args.out, version=args.version, tta=args.tta,
+                          weights=parse_weights(args.weights, len(args.run)))
         print(f"exported {path}")
     elif args.command == "predict":
         from cellnet.serving.predict import predict

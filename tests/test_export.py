@@ -314,3 +314,59 @@ def test_saved_model_cli_lists_both_signatures(exported):
     assert "inputs['image_bytes'] tensor_info:\n        dtype: DT_STRING\n        shape: (-1)" in text
     for output in OUTPUTS["classification"]:
         assert f"outputs['{output}']" in text
+
+
+# ----------------------------------------------------------------------------- ensembles
+
+def _serve(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
+    signature = tf.saved_model.load(str(path)).signatures[IMAGES_SIGNATURE]
+    return {k: v.numpy() for k, v in signature(images=tf.constant(images)).items()}
+
+
+def test_ensemble_is_the_weighted_mean_of_its_members_own_savedmodels(exported, tmp_path):
+    runs = [exported["root"] / "runs" / kind for kind in ("regression", "classification")]
+    members = [exported["served"][f"{kind}/cellularity"] for kind in ("regression", "classification")]
+    assert np.abs(members[0] - members[1]).min() > 1e-3  # two different models: the mean is a real test
+    path = export_run(runs, tmp_path / "ensemble", weights=[1.0, 3.0])
+    served = _serve(path, exported["small"])
+    mean = 0.25 * members[0] + 0.75 * members[1]
+    np.testing.assert_allclose(served["cellularity"], mean, atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(served["cellularity_std"],
+                               np.sqrt(0.25 * (members[0] - mean) ** 2 + 0.75 * (members[1] - mean) ** 2),
+                               atol=TOLERANCE, rtol=0)
+    for i, member in enumerate(members):
+        np.testing.assert_allclose(served[f"member{i}_cellularity"], member, atol=TOLERANCE, rtol=0)
+    assert "interval" not in served  # a regression member has no distribution to mix
+    meta = json.loads((path / "assets" / "cellnet.json").read_text())
+    assert meta["kind"] == "ensemble" and meta["patch_size"] == SMALL_PATCH
+    assert meta["outputs"] == ["cellularity", "cellularity_std", "member0_cellularity", "member1_cellularity"]
+    assert [(m["kind"], m["weight"], m["output"]) for m in meta["members"]] == [
+        ("regression", 0.25, "member0_cellularity"), ("classification", 0.75, "member1_cellularity")]
+
+
+def test_ensemble_with_tta_is_the_mean_of_its_members_tta_exports(exported, tmp_path):
+    runs = [exported["root"] / "runs" / kind for kind in ("regression", "classification")]
+    singles = [_serve(export_run(run, tmp_path / run.name, tta="flips"), exported["small"]) for run in runs]
+    served = _serve(export_run(runs, tmp_path / "ensemble", tta="flips"), exported["small"])
+    for single in singles:
+        assert set(single) >= {"cellularity", "cellularity_std"}
+    np.testing.assert_allclose(served["cellularity"], (singles[0]["cellularity"] + singles[1]["cellularity"]) / 2,
+                               atol=TOLERANCE, rtol=0)
+    # the spread over all four (member, variant) scores is at least each member's own
+    assert (served["cellularity_std"] + TOLERANCE >= np.abs(singles[0]["cellularity"] - served["cellularity"])).all()
+
+
+def test_ensemble_refuses_a_segmenter_mixed_patch_sizes_and_bad_weights(exported, tmp_path):
+    from cellnet.serving.export import parse_weights
+
+    root = exported["root"] / "runs"
+    with pytest.raises(CellnetError, match=r"segmentation: is a segmentation run; an ensemble averages cellularity"):
+        export_run([root / "regression", root / "segmentation"], tmp_path / "a")
+    with pytest.raises(CellnetError, match=r"ensemble: the members take different patch sizes \(\[64, 512\]\)"):
+        export_run([root / "regression", root / "cascade"], tmp_path / "b")
+    assert not (tmp_path / "a" / "1").exists() and not (tmp_path / "b" / "1").exists()
+    assert parse_weights("1,3", 2) == [1.0, 3.0]
+    for text, problem in (("1", "1 weight\\(s\\) for 2"), ("1,x", "expected comma-separated numbers"),
+                          ("1,-1", "every weight must be a positive finite")):
+        with pytest.raises(CellnetError, match=f"--weights '{text}': {problem}"):
+            parse_weights(text, 2)

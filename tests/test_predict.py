@@ -89,6 +89,23 @@ def test_other_names_give_image_p_and_interval(models, tmp_path):
         np.testing.assert_allclose([float(r[column]) for r in rows], decoded[key], atol=TOLERANCE, rtol=0)
 
 
+def test_ensemble_with_tta_writes_the_interval_and_the_spread(models, tmp_path):
+    from cellnet.serving.predict import load_served
+
+    runs = [models[kind][1].parents[2] / "runs" / kind for kind in ("classification", "classification")]
+    saved = export_run(runs, tmp_path / "saved_models" / "ensemble", tta="flips")  # 2 members x 2 variants
+    paths = write_images(tmp_path / "patches", ["a.png", "b.png"], seed=2)
+    predict(saved, [tmp_path / "patches"], tmp_path / "out.csv", progress=False)
+    columns, rows = read_csv(tmp_path / "out.csv")
+    assert columns == ["image", "p", "low", "high", "cellularity_std"]
+    served = load_served(saved)(np.stack([read_rgb(p) for p in paths]))
+    for key, column in (("cellularity", "p"), ("cellularity_std", "cellularity_std")):
+        np.testing.assert_allclose([float(r[column]) for r in rows], served[key], atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose([[float(r["low"]), float(r["high"])] for r in rows], served["interval"])
+    assert (served["cellularity_std"] > 1e-5).all()  # a flip changes a random model's scores
+    assert load_served(saved).kind == "ensemble"
+
+
 def test_segmenter_writes_overlays_and_class_fractions(models, tmp_path):
     model, saved = models["segmentation"]
     paths = write_images(tmp_path / "in", ["7_1.png", "7_2.png"], size=128, seed=2)

@@ -113,8 +113,9 @@ def test_slide_with_mpp_reads_the_matching_level(cascade, slide_image, tmp_path)
     points = [f for f in collection["features"] if f["geometry"]["type"] == "Point"]
     assert len(tiles) == len(rows)
     for feature, row in zip(tiles, rows):
-        assert feature["properties"]["objectType"] == "detection"
-        assert feature["properties"]["measurements"]["cellularity"] == pytest.approx(float(row["cellularity"]))
+        assert feature["properties"]["objectType"] == feature["properties"]["object_type"] == "tile"
+        measurements = {m["name"]: m["value"] for m in feature["properties"]["measurements"]}
+        assert measurements["cellularity"] == pytest.approx(float(row["cellularity"]))
         x0, y0 = int(row["x"]), int(row["y"])
         assert feature["geometry"]["coordinates"][0][0] == [x0, y0]
         assert feature["geometry"]["coordinates"][0][2] == [x0 + 1024, y0 + 1024]
@@ -122,6 +123,7 @@ def test_slide_with_mpp_reads_the_matching_level(cascade, slide_image, tmp_path)
     for point in points:
         x, y = point["geometry"]["coordinates"]
         assert point["properties"]["objectType"] == "detection"
+        assert point["properties"]["classification"]["name"] == "Tumor"
         assert 0 <= x < WIDTH_PX and 0 <= y < HEIGHT_PX
     heatmap = cv2.imread(str(tmp_path / "out" / "case_heatmap.png"))
     assert heatmap is not None and heatmap.shape[0] > 100 and heatmap.shape[1] > 100
@@ -176,3 +178,20 @@ def test_real_cmu_slide(cascade, tmp_path):
     assert all(0.0 <= float(r["cellularity"]) <= 1.0 and float(r["tissue"]) >= 0.25 for r in rows)
     collection = json.loads((tmp_path / "CMU-1-Small-Region.geojson").read_text())
     assert sum(f["geometry"]["type"] == "Polygon" for f in collection["features"]) == len(rows)
+
+
+def test_tta_export_adds_an_uncertainty_heatmap_and_measurement(cascade, slide_image, tmp_path):
+    _, saved = cascade
+    run = Path(json.loads((saved / "assets" / "cellnet.json").read_text())["run"])
+    tta = export_run(run, tmp_path / "saved_models" / "cascade_flips", tta="flips")
+    path = write_pyramid(tmp_path / "case.tif", slide_image, mpp=None)
+    summary = slide_map(tta, path, tmp_path / "out", batch_size=4, progress=False)
+    rows = read_rows(tmp_path / "out" / "case_tiles.csv")
+    spreads = [float(r["cellularity_std"]) for r in rows]
+    assert max(spreads) > 1e-4 and min(spreads) >= 0  # two variants that disagree somewhere
+    uncertainty = cv2.imread(summary["uncertainty"])
+    assert summary["uncertainty"].endswith("case_uncertainty.png") and uncertainty.shape[0] > 100
+    collection = json.loads((tmp_path / "out" / "case.geojson").read_text())
+    tiles = [f for f in collection["features"] if f["properties"]["objectType"] == "tile"]
+    assert [{m["name"]: m["value"] for m in t["properties"]["measurements"]}["cellularity_std"]
+            for t in tiles] == pytest.approx(spreads)

@@ -35,11 +35,13 @@ def describe_formats() -> str:
                          "present, become cells/split.csv; the TCGA barcodes of the names become "
                          "cells/groups.csv (name,patient,site: TCGA-XX-YYYY, XX) for `cellnet prepare "
                          "--group-by`."),
-        item("geojson", "a folder of QuPath GeoJSON exports, <stem>.geojson (or .json, or "
-                        "<stem>.<ext>.geojson) next to <stem>.png|.tif|.jpg: Point and MultiPoint "
-                        "objects, and cell or detection polygons (their centroid; the nucleus's "
-                        "when exported). Class from properties.classification.name, else "
-                        "properties.name. Region annotations (polygons) are skipped and counted."),
+        item("geojson", "a folder of QuPath GeoJSON exports (QuPath 0.3 to 0.6, or `cellnet slide`'s), "
+                        "<stem>.geojson (or .json, or <stem>.<ext>.geojson) next to "
+                        "<stem>.png|.tif|.jpg: Point and MultiPoint objects, and detection "
+                        "and cell polygons (their centroid; a cell's nucleusGeometry when exported). "
+                        "Class from properties.classification (name; names of a derived class; 0.3's "
+                        "colorRGB form too), else properties.name; objects of no cellnet class are "
+                        "skipped and counted, and so are polygon annotations, tiles and TMA cores (regions)."),
         item("csv", "one CSV file with columns image,x,y,class, one point a row; image paths "
                     "relative to the CSV's folder."),
         "class names (geojson, csv; case-insensitive):",

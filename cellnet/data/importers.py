@@ -36,6 +36,7 @@ from cellnet.data.breastpathq import (GROUP_COLUMNS, REGION_RE, images_by_stem, 
 from cellnet.classes import BRCA_M2C_CODES, CELL_CLASSES, CLASSES, NAME_TO_CLASS, class_for_description
 from cellnet.errors import CellnetError, Problems, bad
 from cellnet.data.formats import BRCA_LABEL_SUFFIX
+from cellnet.data import qupath
 from cellnet.data.imageio import IMAGE_SUFFIXES, read_rgb, write_image
 from cellnet.files import staged_into, write_text
 
@@ -43,9 +44,6 @@ FORMATS: tuple[str, ...] = ("breastpathq", "brca-m2c", "geojson", "csv")
 BRCA_SPLIT_LISTS = {"train": "brca_ds_train.txt", "val": "brca_ds_val.txt"}
 GEOJSON_SUFFIXES = (".geojson", ".json")
 CSV_COLUMNS = ("image", "x", "y", "class")
-#: QuPath object types whose polygons outline regions, not cells (v0.2 stored the type in "id").
-REGION_OBJECT_TYPES = {"annotation", "tile", "tma_core", "root", "pathannotationobject",
-                       "pathtileobject", "tmacoreobject", "pathrootobject"}
 OUTSIDE = "outside the image"
 
 @dataclass
@@ -334,117 +332,32 @@ def _read_geojson(src: Path, problems: Problems) -> list[Source]:
 
 
 def _parse_geojson(path: Path, problems: Problems) -> tuple[np.ndarray, np.ndarray] | None:
-    """Points and class indices of a QuPath export; None if the file is malformed."""
+    """Points and class indices of a QuPath export (:mod:`cellnet.data.qupath`); None if malformed.
+
+    Features of no cellnet class (unclassified, stroma, unknown names) and regions (tiles, TMA
+    cores) are skipped and counted by reason.
+    """
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        features = qupath.features(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         problems.report(path, f"malformed GeoJSON ({exc})")
         return None
-    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
-        features = data.get("features")
-    elif isinstance(data, dict) and data.get("type") == "Feature":
-        features = [data]
-    else:
-        features = data
-    if not isinstance(features, list):
-        problems.report(path, "not GeoJSON: expected a FeatureCollection, a Feature or a list of features")
+    except ValueError as exc:
+        problems.report(path, str(exc))
         return None
     rows = []
     for number, feature in enumerate(features):
         try:
-            if not isinstance(feature, dict):
-                raise ValueError("not a GeoJSON Feature object")
-            properties = feature.get("properties") or {}
-            if not isinstance(properties, dict):
-                raise ValueError("'properties' is not an object")
-            points = _feature_points(feature, properties, problems, path)
+            nuclei = qupath.read_feature(feature)
         except ValueError as exc:
             problems.report(path, f"feature {number}: {exc}")
             return None
-        if points:
-            label = _class_index(_feature_class(properties), problems, path, len(points))
-            rows += [(x, y, label) for x, y in points]
+        if nuclei.skipped:
+            problems.warn(nuclei.skipped, path=path)
+        elif nuclei.points:
+            label = _class_index(nuclei.name, problems, path, len(nuclei.points))
+            rows += [(x, y, label) for x, y in nuclei.points]
     return _points(rows)
-
-
-def _feature_points(feature: dict, properties: dict, problems: Problems,
-                    path: Path) -> list[tuple[float, float]]:
-    """The (x, y) points one feature stands for; [] (counted) when it is not a cell."""
-    geometry = feature.get("nucleusGeometry") or feature.get("geometry")
-    if geometry is None:
-        problems.warn("features without geometry", path=path)
-        return []
-    if not isinstance(geometry, dict):
-        raise ValueError("'geometry' is not an object")
-    kind, coordinates = geometry.get("type"), geometry.get("coordinates")
-    if kind == "Point":
-        return [_xy(coordinates)]
-    if kind == "MultiPoint":
-        return [_xy(c) for c in _listed(coordinates)]
-    if kind in ("Polygon", "MultiPolygon"):
-        object_type = str(properties.get("objectType") or properties.get("object_type")
-                          or feature.get("id") or "").lower()
-        if object_type in REGION_OBJECT_TYPES:
-            problems.warn(f"{kind} {object_type} objects (regions, not cells)", path=path)
-            return []
-        polygons = [coordinates] if kind == "Polygon" else _listed(coordinates)
-        return [_centroid([_listed(p) for p in polygons])]
-    problems.warn(f"{kind} geometries (not points or cells)", path=path)
-    return []
-
-
-def _feature_class(properties: dict) -> str:
-    """``classification.name`` (QuPath; ``names`` joined for derived classes), else ``name``."""
-    classification = properties.get("classification")
-    if isinstance(classification, dict):
-        if classification.get("name"):
-            return str(classification["name"])
-        if isinstance(classification.get("names"), list):
-            return ": ".join(str(n) for n in classification["names"])
-    if isinstance(classification, str) and classification:
-        return classification
-    return str(properties.get("name") or "")
-
-
-def _listed(value) -> list:
-    if not isinstance(value, list):
-        raise ValueError("malformed coordinates (expected a list)")
-    return value
-
-
-def _xy(position) -> tuple[float, float]:
-    if (not isinstance(position, list) or len(position) < 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                       for v in position[:2])):
-        raise ValueError(f"malformed position {json.dumps(position)[:40]} (expected [x, y])")
-    return float(position[0]), float(position[1])
-
-
-def _centroid(polygons: list[list]) -> tuple[float, float]:
-    """Area centroid of polygons with holes (first ring outer); vertex mean if degenerate."""
-    area = moment_x = moment_y = 0.0
-    vertices = []
-    for rings in polygons:
-        for index, ring in enumerate(rings):
-            xy = np.asarray([_xy(p) for p in _listed(ring)], np.float64).reshape(-1, 2)
-            if index == 0:
-                vertices.append(xy)
-            x, y = xy[:, 0], xy[:, 1]
-            x1, y1 = np.roll(x, -1), np.roll(y, -1)
-            cross = x * y1 - x1 * y
-            signed = cross.sum() / 2
-            if signed == 0:
-                continue
-            weight = (1.0 if index == 0 else -1.0) * np.sign(signed)  # outer adds, holes subtract
-            area += weight * signed
-            moment_x += weight * ((x + x1) * cross).sum() / 6
-            moment_y += weight * ((y + y1) * cross).sum() / 6
-    if abs(area) < 1e-9:
-        if not vertices or not sum(len(v) for v in vertices):
-            raise ValueError("polygon without vertices")
-        mean = np.concatenate(vertices).mean(axis=0)
-        return float(mean[0]), float(mean[1])
-    return float(moment_x / area), float(moment_y / area)
 
 
 # ----------------------------------------------------------------------------- CSV

@@ -15,7 +15,17 @@ segmentation    ``masks`` [N, ceil(H/2), ceil(W/2), 4] (working resolution)
 regression      ``cellularity`` [N]
 classification  ``cellularity`` [N], ``class_probs`` [N, 101], ``interval`` [N, 2] (80%)
 cascade, gbt    ``cellularity`` [N] and their segmenter's ``masks``
+ensemble        ``cellularity``, ``cellularity_std``, ``member<i>_cellularity`` per member, the
+                members' mean ``masks`` (where members have masks), ``class_probs`` and
+                ``interval`` (when every member is a classification head)
 ==============  ====================================================================
+
+Test-time augmentation (``--tta flips|d4``, ``cellnet.serving.tta``) runs the 2 or 8 variants
+inside the graph, maps masks back through the inverse transform and averages them and the
+cellularity (each variant's score clipped first, so an ensemble of exports equals the mean of
+their outputs); cellularity models then also serve ``cellularity_std``, the spread of the
+variant (and member) scores. A classification head's ``class_probs`` are averaged and its
+interval is read from the averaged distribution.
 
 ``cellularity`` is always clipped to [0, 1] (``cellnet.models.cellularity.clip_score``): a
 linear regression head and the GBT's tree sums can leave it; the trained models' raw outputs
@@ -33,6 +43,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -43,10 +54,13 @@ from cellnet.files import atomic_dir, writing
 from cellnet.models import decode_bins
 from cellnet.models.cellularity import clip_score
 from cellnet.preprocess import DOWNSAMPLE, IMAGES_SPEC, PATCH_SIZE, full_res_to_model_input, pad_to_multiple
+from cellnet.serving.tta import Symmetry, same_shape_groups, symmetries
 
 KINDS: tuple[str, ...] = ("segmentation", "regression", "classification", "cascade", "gbt")
 #: Kinds that output a cellularity score (and need patches of the training size).
 CELLULARITY_KINDS: tuple[str, ...] = ("regression", "classification", "cascade", "gbt")
+#: What ``assets/cellnet.json`` may say: a run's kind, or an ensemble of cellularity runs.
+SERVED_KINDS: tuple[str, ...] = (*KINDS, "ensemble")
 OUTPUTS: dict[str, tuple[str, ...]] = {
     "segmentation": ("masks",),
     "regression": ("cellularity",),
@@ -119,30 +133,129 @@ def _checked(images: tf.Tensor, kind: str, patch: int | None) -> tf.Tensor:
     return images if patch is None else tf.ensure_shape(images, [None, patch, patch, 3])
 
 
-def serving_fn(model: keras.Model, kind: str) -> tf.types.experimental.GenericFunction:
-    """uint8 RGB [N, H, W, 3] at full resolution -> the kind's named outputs (float32)."""
-    heads = _output_heads(model, kind)
-    patch = _patch_size(model, kind)
+@dataclass(frozen=True)
+class Member:
+    """One model of an export: a single run, or one run of an ensemble with its weight."""
+
+    model: keras.Model
+    kind: str
+    weight: float = 1.0
+
+
+def _variant_outputs(heads: keras.Model, kind: str, x: tf.Tensor,
+                     variants: tuple[Symmetry, ...]) -> list[dict[str, tf.Tensor]]:
+    """The raw outputs of ``heads`` on every variant of ``x``, masks mapped back to x's frame.
+
+    Variants of one shape run as one batch; a segmenter's input is padded to a multiple of 32
+    per group and its maps cropped back before the inverse transform.
+    """
+    outputs = []
+    for group in same_shape_groups(variants):
+        batch = tf.concat([v.forward(x) for v in group], axis=0) if len(group) > 1 else group[0].forward(x)
+        if kind == "segmentation":
+            batch, size = pad_to_multiple(batch)
+        raw = {k: tf.cast(v, tf.float32) for k, v in heads(batch, training=False).items()}
+        if kind == "segmentation":
+            raw["masks"] = raw["masks"][:, :size[0], :size[1], :]
+        parts = {k: tf.split(v, len(group), axis=0) if len(group) > 1 else [v] for k, v in raw.items()}
+        for i, variant in enumerate(group):
+            out = {k: parts[k][i] for k in raw}
+            if "masks" in out:
+                out["masks"] = variant.inverse(out["masks"])
+            outputs.append(out)
+    return outputs
+
+
+def _mean(tensors: list[tf.Tensor]) -> tf.Tensor:
+    return tensors[0] if len(tensors) == 1 else tf.add_n(tensors) / float(len(tensors))
+
+
+def _member_summary(variants: list[dict[str, tf.Tensor]], kind: str) -> dict[str, tf.Tensor]:
+    """A member's TTA means, and (cellularity models) its clipped score per variant as ``scores``."""
+    summary = {}
+    if "masks" in variants[0]:
+        summary["masks"] = _mean([v["masks"] for v in variants])
+    if kind == "segmentation":
+        return summary
+    if kind == "classification":
+        summary["class_probs"] = _mean([v["class_probs"] for v in variants])
+        scores = [clip_score(decode_bins(v["class_probs"])["cellularity"]) for v in variants]
+    else:
+        scores = [clip_score(v["cellularity"][:, 0]) for v in variants]
+    summary["scores"] = tf.stack(scores, axis=0)  # (variants, N)
+    summary["cellularity"] = tf.reduce_mean(summary["scores"], axis=0)
+    return summary
+
+
+def _combine(summaries: list[dict[str, tf.Tensor]], weights: list[float], spread: bool) -> dict[str, tf.Tensor]:
+    """Weighted ensemble of member summaries: the served outputs (SPEC 6 names, see module doc)."""
+    outputs = {}
+    with_masks = [(s["masks"], w) for s, w in zip(summaries, weights) if "masks" in s]
+    if with_masks:
+        total = sum(w for _, w in with_masks)
+        outputs["masks"] = tf.add_n([m * (w / total) for m, w in with_masks]) if len(with_masks) > 1 \
+            else with_masks[0][0]
+    if "cellularity" not in summaries[0]:
+        return outputs
+    outputs["cellularity"] = tf.add_n([s["cellularity"] * w for s, w in zip(summaries, weights)]) \
+        if len(summaries) > 1 else summaries[0]["cellularity"]
+    if all("class_probs" in s for s in summaries):
+        probs = tf.add_n([s["class_probs"] * w for s, w in zip(summaries, weights)]) \
+            if len(summaries) > 1 else summaries[0]["class_probs"]
+        decoded = decode_bins(probs)
+        outputs["class_probs"] = probs
+        outputs["interval"] = tf.stack([decoded["low"], decoded["high"]], axis=-1)
+    if spread:  # weighted std over every (member, variant) score
+        squares = [tf.reduce_mean(tf.square(s["scores"] - outputs["cellularity"]), axis=0) * w
+                   for s, w in zip(summaries, weights)]
+        outputs["cellularity_std"] = tf.sqrt(tf.add_n(squares))
+    if len(summaries) > 1:
+        for i, s in enumerate(summaries):
+            outputs[member_output(i)] = s["cellularity"]
+    return outputs
+
+
+def member_output(index: int) -> str:
+    """Name of an ensemble member's own (TTA-averaged) cellularity output."""
+    return f"member{index}_cellularity"
+
+
+def _common_patch(members: list[Member]) -> int | None:
+    patches = {_patch_size(m.model, m.kind) for m in members}
+    if len(patches) > 1:
+        raise CellnetError(f"ensemble: the members take different patch sizes ({sorted(patches)}); "
+                           "an ensemble needs one input size")
+    return patches.pop()
+
+
+def ensemble_fn(members: list[Member], tta: str = "none") -> tf.types.experimental.GenericFunction:
+    """uint8 RGB [N, H, W, 3] at full resolution -> the averaged outputs of ``members`` under ``tta``.
+
+    Weights are normalised to sum to 1. ``cellularity_std`` (the spread over members and variants)
+    is served when there is more than one of either.
+    """
+    variants = symmetries(tta)
+    heads = [_output_heads(m.model, m.kind) for m in members]
+    total = sum(m.weight for m in members)
+    weights = [m.weight / total for m in members]
+    kind = members[0].kind if len(members) == 1 else "ensemble"
+    patch = _common_patch(members)
+    spread = len(members) * len(variants) > 1
 
     @tf.function(input_signature=[IMAGES_SPEC])
     def serve(images):
         images = _checked(images, kind, patch)
         x = full_res_to_model_input(images)
-        if kind == "segmentation":
-            x, size = pad_to_multiple(x)
-        raw = {k: tf.cast(v, tf.float32) for k, v in heads(x, training=False).items()}
-        if kind == "segmentation":
-            return {"masks": raw["masks"][:, :size[0], :size[1], :]}
-        if kind == "classification":
-            decoded = decode_bins(raw["class_probs"])
-            return {"cellularity": clip_score(decoded["cellularity"]), "class_probs": raw["class_probs"],
-                    "interval": tf.stack([decoded["low"], decoded["high"]], axis=-1)}
-        outputs = {"cellularity": clip_score(raw["cellularity"][:, 0])}
-        if "masks" in raw:
-            outputs["masks"] = raw["masks"]
-        return outputs
+        summaries = [_member_summary(_variant_outputs(h, m.kind, x, variants), m.kind)
+                     for h, m in zip(heads, members)]
+        return _combine(summaries, weights, spread)
 
     return serve
+
+
+def serving_fn(model: keras.Model, kind: str, tta: str = "none") -> tf.types.experimental.GenericFunction:
+    """uint8 RGB [N, H, W, 3] at full resolution -> the kind's named outputs (float32)."""
+    return ensemble_fn([Member(model, kind)], tta)
 
 
 def decode_images(image_bytes: tf.Tensor) -> tf.Tensor:
@@ -187,26 +300,48 @@ def _load(run: Path, kind: str) -> keras.Model:
                                       "resume or retrain the run") from None
 
 
-def export_model(model: keras.Model, kind: str, path: str | os.PathLike, metadata: dict) -> Path:
+def served_outputs(kind: str, tta: str = "none", members: int = 1, all_classification: bool = False) -> list[str]:
+    """The named outputs an export of ``kind`` serves (the order ``assets/cellnet.json`` lists)."""
+    if kind != "ensemble":
+        outputs = list(OUTPUTS[kind])
+        return outputs + ["cellularity_std"] if tta != "none" and kind in CELLULARITY_KINDS else outputs
+    outputs = ["cellularity", "cellularity_std"]
+    if all_classification:
+        outputs += ["class_probs", "interval"]
+    return outputs + [member_output(i) for i in range(members)]
+
+
+def export_model(model: keras.Model, kind: str, path: str | os.PathLike, metadata: dict,
+                 tta: str = "none") -> Path:
     """Write ``model`` as a SavedModel at ``path`` (must not exist), atomically."""
     if kind not in KINDS:
         raise CellnetError(f"model kind {kind!r}: expected one of {', '.join(KINDS)}")
+    return export_members([Member(model, kind)], path, metadata, tta=tta)
+
+
+def export_members(members: list[Member], path: str | os.PathLike, metadata: dict, tta: str = "none") -> Path:
+    """Write one model, or an ensemble of cellularity models, as a SavedModel at ``path``."""
     path = Path(path)
     if path.exists():
         raise bad(path, "already exists; an export never overwrites a version (choose another --version)")
-    serve = serving_fn(model, kind)
+    symmetries(tta)  # an unknown mode is refused before anything is traced
+    serve = ensemble_fn(members, tta)
     module = tf.Module()
-    # Track the variables, not the Keras model: saving a model object would also trace Keras's
+    # Track the variables, not the Keras models: saving a model object would also trace Keras's
     # own default signature for it (and for every nested model).
-    module.model_variables = list(model.variables)
-    patch = _patch_size(model, kind)
-    meta = {"format": "cellnet-savedmodel/1", "kind": kind, "outputs": list(OUTPUTS[kind]),
-            "patch_size": patch, "downsample": DOWNSAMPLE,
+    module.model_variables = [v for m in members for v in m.model.variables]
+    concrete = serve.get_concrete_function()
+    kind = members[0].kind if len(members) == 1 else "ensemble"
+    outputs = [name for name in served_outputs(kind, tta, len(members),
+                                               all(m.kind == "classification" for m in members))
+               if name in concrete.structured_outputs]
+    meta = {"format": "cellnet-savedmodel/1", "kind": kind, "outputs": outputs,
+            "patch_size": _common_patch(members), "downsample": DOWNSAMPLE, "tta": tta,
+            "tta_variants": len(symmetries(tta)),
             "signatures": {IMAGES_SIGNATURE: "images", BYTES_SIGNATURE: "image_bytes"},
             "exported": time.strftime("%Y-%m-%d %H:%M:%S"), "tensorflow": tf.__version__,
             "keras": keras.__version__, **metadata}
-    signatures = {IMAGES_SIGNATURE: serve.get_concrete_function(),
-                  BYTES_SIGNATURE: bytes_fn(serve).get_concrete_function()}
+    signatures = {IMAGES_SIGNATURE: concrete, BYTES_SIGNATURE: bytes_fn(serve).get_concrete_function()}
     # disk full: one line naming the version folder; no version folder, no temporary left
     with writing(path), atomic_dir(path) as tmp:
         tf.saved_model.save(module, str(tmp), signatures=signatures)
@@ -215,19 +350,22 @@ def export_model(model: keras.Model, kind: str, path: str | os.PathLike, metadat
     return path
 
 
-def export_run(run: str | os.PathLike, out: str | os.PathLike, version: int | None = None) -> Path:
-    """Export a run's ``best.keras`` to ``out/<version>/``; returns that folder.
+def parse_weights(text: str | None, runs: int) -> list[float]:
+    """``--weights w1,w2,...``: one positive number per ``--run`` (default: all equal)."""
+    if text is None:
+        return [1.0] * runs
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise CellnetError(f"--weights {text!r}: expected comma-separated numbers, e.g. 0.5,0.3,0.2") from None
+    if len(weights) != runs:
+        raise CellnetError(f"--weights {text!r}: {len(weights)} weight(s) for {runs} --run(s); give one per run")
+    if not all(w > 0 and w < float("inf") for w in weights):
+        raise CellnetError(f"--weights {text!r}: every weight must be a positive finite number")
+    return weights
 
-    ``out`` is ``saved_models/<name>``; ``version`` defaults to the next free number (from 1) and
-    an existing version is refused, never overwritten.
-    """
-    from cellnet.training.runs import require_complete
 
-    run, out = Path(run), Path(out)
-    info = require_complete(run, "be exported")
-    kind = info.get("kind")
-    if kind not in KINDS:
-        raise bad(run / "run.json", f"kind {kind!r} cannot be exported (expected one of {', '.join(KINDS)})")
+def _target(out: Path, version: int | None) -> tuple[Path, int]:
     if out.exists() and not out.is_dir():
         raise bad(out, "exists and is not a folder (expected saved_models/NAME)")
     if version is None:
@@ -238,5 +376,44 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, version: int | No
     if target.exists():
         raise bad(target, "already exists; an export never overwrites a version "
                           f"(omit --version for the next free one, {next_version(out)})")
-    model = _load(run, kind)
-    return export_model(model, kind, target, {"version": version, "run": str(run.resolve()), "run_info": info})
+    return target, version
+
+
+def _run_kind(run: Path) -> tuple[str, dict]:
+    from cellnet.training.runs import require_complete
+
+    info = require_complete(run, "be exported")
+    kind = info.get("kind")
+    if kind not in KINDS:
+        raise bad(run / "run.json", f"kind {kind!r} cannot be exported (expected one of {', '.join(KINDS)})")
+    return kind, info
+
+
+def export_run(run: str | os.PathLike | list, out: str | os.PathLike, version: int | None = None,
+               tta: str = "none", weights: list[float] | None = None) -> Path:
+    """Export a run's ``best.keras`` (or several runs' as one ensemble) to ``out/<version>/``.
+
+    ``out`` is ``saved_models/<name>``; ``version`` defaults to the next free number (from 1) and
+    an existing version is refused, never overwritten. Several runs must all output cellularity
+    (SR cascade, GBT, direct regression or classification); ``weights`` default to equal.
+    """
+    runs = [Path(r) for r in (run if isinstance(run, (list, tuple)) else [run])]
+    out = Path(out)
+    symmetries(tta)
+    weights = weights or [1.0] * len(runs)
+    if len(weights) != len(runs):
+        raise CellnetError(f"--weights: {len(weights)} weight(s) for {len(runs)} --run(s); give one per run")
+    kinds = [_run_kind(r) for r in runs]
+    if len(runs) > 1:
+        for r, (kind, _) in zip(runs, kinds):
+            if kind not in CELLULARITY_KINDS:
+                raise bad(r, f"is a {kind} run; an ensemble averages cellularity, so every --run must be "
+                             f"one of {', '.join(CELLULARITY_KINDS)}")
+    target, version = _target(out, version)
+    members = [Member(_load(r, kind), kind, w) for r, (kind, _), w in zip(runs, kinds, weights)]
+    if len(runs) == 1:
+        return export_model(members[0].model, members[0].kind, target,
+                            {"version": version, "run": str(runs[0].resolve()), "run_info": kinds[0][1]}, tta=tta)
+    listed = [{"output": member_output(i), "run": str(r.resolve()), "kind": kind, "weight": w / sum(weights),
+               "run_info": info} for i, (r, (kind, info), w) in enumerate(zip(runs, kinds, weights))]
+    return export_members(members, target, {"version": version, "members": listed}, tta=tta)

@@ -31,7 +31,7 @@ from cellnet.classes import CELL_CLASSES
 from cellnet.errors import CellnetError, Problems, bad, warn
 from cellnet.data.imageio import IMAGE_SUFFIXES, read_rgb, write_image
 from cellnet.files import atomic_path, staged_into, write_failure
-from cellnet.serving.export import CELLULARITY_KINDS, IMAGES_SIGNATURE, KINDS, METADATA_FILE
+from cellnet.serving.export import IMAGES_SIGNATURE, METADATA_FILE, SERVED_KINDS
 from cellnet.evaluation.plots import overlay_rgb
 
 #: BreastPathQ file stems: ``<slide>_<rid>`` (rid numeric), e.g. ``99788_3``.
@@ -106,8 +106,8 @@ def load_served(model_dir: str | os.PathLike) -> ServedModel:
         kind, outputs, patch = metadata["kind"], tuple(metadata["outputs"]), metadata.get("patch_size")
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise bad(meta_path, f"unreadable export description ({type(exc).__name__}: {str(exc)[:100]})") from None
-    if kind not in KINDS:
-        raise bad(meta_path, f"unknown model kind {kind!r} (expected one of {', '.join(KINDS)})")
+    if kind not in SERVED_KINDS:
+        raise bad(meta_path, f"unknown model kind {kind!r} (expected one of {', '.join(SERVED_KINDS)})")
     if patch is not None and (type(patch) is not int or patch < 1):
         raise bad(meta_path, f"patch_size {patch!r}: expected a positive integer or null")
     try:
@@ -117,7 +117,7 @@ def load_served(model_dir: str | os.PathLike) -> ServedModel:
     if IMAGES_SIGNATURE not in loaded.signatures:
         raise bad(path, f"has no '{IMAGES_SIGNATURE}' signature")
     served = set(loaded.signatures[IMAGES_SIGNATURE].structured_outputs)
-    needed = "cellularity" if kind in CELLULARITY_KINDS else "masks"
+    needed = "masks" if kind == "segmentation" else "cellularity"
     if needed not in outputs or not served.issuperset(outputs):
         raise bad(meta_path, f"does not describe this SavedModel: a {kind} model lists outputs "
                              f"{', '.join(outputs) or 'none'}, the '{IMAGES_SIGNATURE}' signature has "
@@ -197,9 +197,11 @@ def id_columns(paths: Sequence[Path]) -> tuple[list[str], list[list[str]]]:
 
 
 def value_columns(model: ServedModel) -> list[str]:
-    """``p`` (+ ``low,high`` with an interval) for cellularity models; area fractions for segmenters."""
+    """``p`` (+ ``low,high`` with an interval, + ``cellularity_std`` with TTA or an ensemble) for
+    cellularity models; area fractions for segmenters."""
     if model.has_cellularity:
-        return ["p", "low", "high"] if "interval" in model.outputs else ["p"]
+        return ["p"] + (["low", "high"] if "interval" in model.outputs else []) + \
+            (["cellularity_std"] if "cellularity_std" in model.outputs else [])
     return [f"{name}_fraction" for name in CELL_CLASSES]
 
 
@@ -208,6 +210,8 @@ def value_rows(model: ServedModel, outputs: dict[str, np.ndarray]) -> list[list[
         columns = [outputs["cellularity"]]
         if "interval" in outputs:
             columns += [outputs["interval"][:, 0], outputs["interval"][:, 1]]
+        if "cellularity_std" in outputs:
+            columns.append(outputs["cellularity_std"])
     else:
         above = outputs["masks"][..., :len(CELL_CLASSES)] > MASK_THRESHOLD
         columns = list(above.mean(axis=(1, 2)).T)

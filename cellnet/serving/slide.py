@@ -11,11 +11,15 @@ Writes, into the output folder, for a slide ``<stem>``:
 
 - ``<stem>_tiles.csv``: one row per tissue tile (level-0 box, tissue share, scores);
 - ``<stem>_heatmap.png``: the tile scores coloured over the thumbnail;
-- ``<stem>.geojson``: a QuPath-importable FeatureCollection; tiles are ``detection`` polygons with
-  ``measurements.cellularity``; for models that output masks, malignant nuclei (local maxima of
-  the malignant map above 0.5) are ``detection`` points. Coordinates are level-0 pixels.
+- ``<stem>_uncertainty.png``: for exports with test-time augmentation or ensembles, their
+  ``cellularity_std`` (the spread over variants and members) coloured the same way;
+- ``<stem>.geojson``: a FeatureCollection QuPath 0.3 to 0.6 imports (:mod:`cellnet.data.qupath`);
+  tiles are ``tile`` objects with the tile's CSV columns (``cellularity`` or ``malignant_fraction``,
+  ``tissue``, any other score the model gives) as measurements; for models that output masks,
+  malignant nuclei (local maxima of the malignant map above 0.5) are ``detection`` points of
+  QuPath's class Tumor. Coordinates are level-0 pixels.
 
-The three are written together: each to a temporary name, renamed once all are written, so a full
+They are written together: each to a temporary name, renamed once all are written, so a full
 disk leaves none of them behind.
 """
 from __future__ import annotations
@@ -39,14 +43,16 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from cellnet.classes import MALIGNANT
+from cellnet.data import qupath
 from cellnet.errors import CellnetError, bad
 from cellnet.files import atomic_path, write_failure
 from cellnet.serving.predict import MASK_THRESHOLD, ServedModel, load_served
-from cellnet.evaluation.plots import CLASS_COLOURS
 from cellnet.preprocess import PATCH_SIZE
 
 #: Microns per pixel of the training patches (BreastPathQ and BRCA-M2C are 20x).
 TRAINING_MPP = 0.5
+#: The per-tile uncertainty column of TTA and ensemble exports (``cellnet export --tta``).
+UNCERTAINTY = "cellularity_std"
 #: Longest side of the thumbnail used for tissue detection and the heatmap.
 THUMBNAIL_SIZE = 1024
 #: Otsu's threshold on saturation is kept in this range: below, noise on blank glass passes;
@@ -185,35 +191,29 @@ def tile_scores(model: ServedModel, outputs: dict[str, np.ndarray]) -> dict[str,
         scores = {"cellularity": outputs["cellularity"]}
         if "interval" in outputs:
             scores.update(low=outputs["interval"][:, 0], high=outputs["interval"][:, 1])
+        if "cellularity_std" in outputs:
+            scores["cellularity_std"] = outputs["cellularity_std"]
         return scores
     return {"malignant_fraction": (outputs["masks"][..., MALIGNANT] > MASK_THRESHOLD).mean(axis=(1, 2))}
 
 
-def _square(tile: Tile) -> list[list[list[int]]]:
-    x0, y0, x1, y1 = tile.x, tile.y, tile.x + tile.size, tile.y + tile.size
-    return [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]
+#: Tile-CSV columns that place a tile; every other column is a measurement of it in the GeoJSON.
+GRID_COLUMNS = ("row", "col", "x", "y", "width", "height")
 
 
 def geojson(tiles: list[Tile], rows: list[dict], nuclei: list[tuple[float, float, float]]) -> dict:
-    """QuPath FeatureCollection: tile detections with measurements, malignant nucleus points."""
-    features = []
-    for tile, row in zip(tiles, rows):
-        measurements = {k: v for k, v in row.items() if k not in ("row", "col", "x", "y", "width", "height")}
-        features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": _square(tile)},
-                         "properties": {"objectType": "detection", "name": f"tile {tile.row},{tile.col}",
-                                        "measurements": measurements}})
-    colour = list(CLASS_COLOURS[MALIGNANT])
-    for x, y, activation in nuclei:
-        features.append({"type": "Feature", "geometry": {"type": "Point", "coordinates": [round(x, 1), round(y, 1)]},
-                         "properties": {"objectType": "detection",
-                                        "classification": {"name": "Malignant", "color": colour},
-                                        "measurements": {"malignant_activation": round(activation, 4)}}})
-    return {"type": "FeatureCollection", "features": features}
+    """QuPath FeatureCollection: tiles with their scores as measurements, malignant nuclei as Tumor."""
+    features = [qupath.tile_feature(tile.x, tile.y, tile.size, tile.size, name=f"tile {tile.row},{tile.col}",
+                                    measurements={k: v for k, v in row.items() if k not in GRID_COLUMNS})
+                for tile, row in zip(tiles, rows)]
+    features += [qupath.nucleus_feature("malignant", qupath.point(x, y), {"malignant_activation": round(a, 4)})
+                 for x, y, a in nuclei]
+    return qupath.feature_collection(features)
 
 
 def heatmap(thumbnail: np.ndarray, dimensions: tuple[int, int], tiles: list[Tile], scores: np.ndarray,
-            name: str, path: Path, title: str) -> None:
-    """Tile scores (0..1, magma) over the thumbnail with a colour bar, as PNG to ``path``."""
+            name: str, path: Path, title: str, vmax: float = 1.0) -> None:
+    """Tile scores (0..vmax, magma) over the thumbnail with a colour bar, as PNG to ``path``."""
     height, width = thumbnail.shape[:2]
     sx, sy = width / dimensions[0], height / dimensions[1]
     figure = Figure(figsize=(8, 8 * height / width + 0.6), dpi=100)
@@ -224,7 +224,7 @@ def heatmap(thumbnail: np.ndarray, dimensions: tuple[int, int], tiles: list[Tile
     for tile, score in zip(tiles, scores):
         grid[tile.row, tile.col] = score
     size = tiles[0].size
-    image = axes.imshow(grid, cmap="magma", vmin=0.0, vmax=1.0, alpha=0.6, interpolation="nearest",
+    image = axes.imshow(grid, cmap="magma", vmin=0.0, vmax=vmax, alpha=0.6, interpolation="nearest",
                         extent=(0, grid.shape[1] * size * sx, grid.shape[0] * size * sy, 0))
     axes.set(xlim=(0, width), ylim=(height, 0), title=title)
     axes.set_axis_off()
@@ -301,10 +301,19 @@ def slide_map(model_dir: str | os.PathLike, slide_path: str | os.PathLike, out_d
     paths = {"csv": out_dir / f"{stem}_tiles.csv", "heatmap": out_dir / f"{stem}_heatmap.png",
              "geojson": out_dir / f"{stem}.geojson"}
     title = f"{slide_path.name}: {len(tiles)} tiles, mean {name} {values.mean():.3f}"
-    write_together({
+    writers = {
         paths["csv"]: lambda tmp: write_tiles_csv(tmp, rows),
         paths["heatmap"]: lambda tmp: heatmap(thumbnail, slide.dimensions, tiles, values, name, tmp, title),
-        paths["geojson"]: lambda tmp: tmp.write_text(json.dumps(geojson(tiles, rows, nuclei)))})
+        paths["geojson"]: lambda tmp: tmp.write_text(json.dumps(geojson(tiles, rows, nuclei)))}
+    if UNCERTAINTY in rows[0]:
+        spread = np.array([row[UNCERTAINTY] for row in rows])
+        paths["uncertainty"] = out_dir / f"{stem}_uncertainty.png"
+        # the spread's own scale (a std of scores in [0, 1] is at most 0.5), so small spreads show
+        writers[paths["uncertainty"]] = lambda tmp: heatmap(
+            thumbnail, slide.dimensions, tiles, spread, UNCERTAINTY, tmp,
+            f"{slide_path.name}: spread over TTA variants / ensemble members, mean {spread.mean():.3f}",
+            vmax=max(float(spread.max()), 1e-3))
+    write_together(writers)
     return {"tiles": len(tiles), f"mean_{name}": round(float(values.mean()), 4),
             "nuclei": len(nuclei) if model.has_masks else "-",
             "mpp": round(mpp, 4) if mpp else f"unknown (assumed {TRAINING_MPP})", "level": level,
