@@ -15,7 +15,7 @@ HEADS: tuple[str, ...] = ("regression", "classification")
 REGRESSION_ACTIVATIONS: tuple[str, ...] = ("linear", "sigmoid")
 #: Stain normalisation fitted on a reference and built into the segmenter (``cellnet.models.stain``).
 STAIN_NORMS: tuple[str, ...] = ("none", "reinhard", "macenko")
-#: Test-time augmentation built into an export (``cellnet.serving.tta``): 1, 2 and 8 variants.
+#: Test-time augmentation built into an export (``cellnet.models.tta``): 1, 2 and 8 variants.
 TTA_MODES: tuple[str, ...] = ("none", "flips", "d4")
 #: Suffixes of PyTorch-world ResNet34 files (torchvision ``.pth``, timm ``.safetensors``).
 TORCH_SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".safetensors")

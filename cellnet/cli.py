@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(Jaccard with 15-px discs, per-image Jaccard, point detection)")
     p.add_argument("--out", required=True)
     p.add_argument("--split", default="eval", help="prepared split to score (default eval = validation/)")
+    p.add_argument("--tta", default="none", choices=TTA_MODES,
+                   help="also score each cellularity run with this test-time augmentation (as export --tta)")
+    p.add_argument("--ensemble", action="store_true",
+                   help="also score the equal-weight ensemble of every cellularity run (under --tta)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
 
@@ -202,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"scored {summary['regions']} region(s): {summary['csv']}")
     elif args.command == "evaluate":
         from cellnet.evaluation.report import evaluate
-        out = evaluate(args.data, args.runs, args.out, split=args.split, seed=args.seed, progress=not quiet)
+        out = evaluate(args.data, args.runs, args.out, split=args.split, seed=args.seed, progress=not quiet,
+                       tta=args.tta, ensemble=args.ensemble)
         print(f"report: {out / 'report.md'}")
     elif args.command == "export":
         from cellnet.serving.export import export_run, parse_weights

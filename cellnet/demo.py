@@ -1,8 +1,9 @@
 """`cellnet demo`: the whole mission on synthetic data with the cpu preset (SPEC 9).
 
 synth -> prepare -> train FPN and U-Net segmenters -> SR cascade, GBT, direct ResNet34
-(classification head) on the FPN -> evaluate (Tables 1-3) -> export all four methods -> `predict` through the SavedModels on the
-held-out test patches -> a summary table. Every step is skipped when its output is already
+(classification head) on the FPN -> evaluate (Tables 1-3, each cellularity method also with D4
+test-time augmentation, and their D4 ensemble) -> export all four methods and the D4 ensemble ->
+`predict` through the SavedModels on the held-out test patches -> a summary table. Every step is skipped when its output is already
 complete, so running the demo again reuses what is built (and resumes an interrupted run).
 """
 from __future__ import annotations
@@ -15,6 +16,8 @@ import pandas as pd
 
 from cellnet.errors import CellnetError
 
+#: Test-time augmentation of the demo's ensemble (and its evaluation rows).
+DEMO_TTA = "d4"
 #: Enough held-out patients (15% validation, 15% test) for confidence intervals that mean something.
 DEMO_PATIENTS = 16
 
@@ -32,7 +35,7 @@ def demo(out: str | Path, seed: int = 0) -> dict:
     from cellnet.serving.export import export_run
     from cellnet.serving.predict import predict
     from cellnet.data.records import is_prepared, prepare
-    from cellnet.evaluation.report import evaluate
+    from cellnet.evaluation.report import ensemble_name, evaluate
     from cellnet.data.synth import synthesize
     from cellnet.training.tasks import train_cascade, train_cellularity, train_gbt, train_segmentation
     from cellnet.training.config import make_config
@@ -75,12 +78,16 @@ def demo(out: str | Path, seed: int = 0) -> dict:
         step(title, _done(run), fn)
     cellularity_runs = [runs / "sr_cascade", runs / "gbt", runs / "resnet34_c"]
     report = out / "report"
-    step("evaluate: Tables 1-3 on held-out patients", (report / "report.md").is_file(),
-         lambda: evaluate(prepared, [str(seg), str(unet), *map(str, cellularity_runs)], report, seed=seed))
+    step(f"evaluate: Tables 1-3 on held-out patients, TTA {DEMO_TTA} and the ensemble", (report / "report.md").is_file(),
+         lambda: evaluate(prepared, [str(seg), str(unet), *map(str, cellularity_runs)], report, seed=seed,
+                          tta=DEMO_TTA, ensemble=True))
+    ensemble = ensemble_name(DEMO_TTA)
     exports = {run.name: out / "saved_models" / run.name for run in [seg, *cellularity_runs]}
-    step("export: SavedModels for TF Serving", all((p / "1").is_dir() for p in exports.values()),
-         lambda: [export_run(run, exports[run.name], version=1) for run in [seg, *cellularity_runs]
-                  if not (exports[run.name] / "1").is_dir()])
+    exports[ensemble] = out / "saved_models" / ensemble
+    sources = {**{run.name: run for run in [seg, *cellularity_runs]}, ensemble: cellularity_runs}
+    step("export: SavedModels for TF Serving (and the ensemble)", all((p / "1").is_dir() for p in exports.values()),
+         lambda: [export_run(sources[name], path, version=1, tta=DEMO_TTA if name == ensemble else "none")
+                  for name, path in exports.items() if not (path / "1").is_dir()])
     test_images = sorted((data / "test_patches").glob("*.tif"))
     if not test_images:
         raise CellnetError(f"{data / 'test_patches'}: no test patches to predict")

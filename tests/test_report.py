@@ -1,6 +1,9 @@
 """`cellnet evaluate` on tiny trained runs: predictions CSVs, tables, plots, no overwrite."""
 import json
 import math
+import shutil
+
+import numpy as np
 
 import pandas as pd
 import pytest
@@ -16,8 +19,11 @@ def report(tiny_seg_run, synth_prepared, tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     direct = root / "direct"
     train_cellularity(tiny_config("cellularity", synth_prepared, direct, head="classification"))
+    twin = root / "twin"  # a second cellularity run (the same model) for the ensemble row
+    shutil.copytree(direct, twin)
     out = root / "out"
-    evaluate(synth_prepared, [str(tiny_seg_run), str(direct)], out, n_boot=200, progress=False)
+    evaluate(synth_prepared, [str(tiny_seg_run), str(direct), str(twin)], out, n_boot=200, progress=False,
+             tta="flips", ensemble=True)
     return out
 
 
@@ -69,3 +75,33 @@ def test_table1_shows_the_authors_per_image_jaccard(report):
     frame = pd.read_csv(report / "segmentation_metrics.csv")
     assert {"jaccard_mean", "jaccard_image_weighted", "jaccard_image_normal", "jaccard_image_lymphocyte",
             "jaccard_image_malignant"} <= set(frame.columns)
+
+
+def test_tta_and_ensemble_rows_with_their_uncertainty(report):
+    results = json.loads((report / "results.json").read_text())
+    rows = {r["name"]: r for r in results["cellularity"]}
+    assert set(rows) == {"direct", "direct_flips", "twin", "twin_flips", "ensemble_flips"}
+    assert rows["direct_flips"]["single"] == "direct" and rows["direct_flips"]["tta"] == "flips"
+    plain = pd.read_csv(report / "predictions_direct.csv")
+    flips = pd.read_csv(report / "predictions_direct_flips.csv")
+    ensemble = pd.read_csv(report / "predictions_ensemble_flips.csv")
+    assert "cellularity_std" not in plain and (flips["cellularity_std"] >= 0).all()
+    assert flips["cellularity_std"].max() > 1e-4  # a flip changes a random-ish model's score
+    # the ensemble of two copies of one model is that model's TTA mean, its members named outputs
+    np.testing.assert_allclose(ensemble["p"], flips["p"], atol=1e-5)
+    np.testing.assert_allclose(ensemble["member0_cellularity"], flips["p"], atol=1e-5)
+    inside = ((plain["low"] <= plain["y_true"]) & (plain["y_true"] <= plain["high"])).mean()
+    coverage = rows["direct"]["coverage80"]
+    assert coverage["value"] == pytest.approx(inside) and coverage["low"] <= inside <= coverage["high"]
+    assert -1 <= rows["direct_flips"]["spread_error_spearman"]["value"] <= 1
+    versus = results["comparison"]["vs_single"]
+    assert versus["ensemble_flips"]["single"] in ("direct", "twin")
+    assert set(versus) == {"direct_flips", "twin_flips", "ensemble_flips"}
+    text = (report / "report.md").read_text()
+    assert "## Test-time augmentation, ensembles and uncertainty" in text
+    assert "| Ensemble of 2 + TTA flips | `ensemble_flips` |" in text
+
+
+def test_ensemble_needs_two_cellularity_runs(tiny_seg_run, synth_prepared, tmp_path):
+    with pytest.raises(CellnetError, match="--ensemble: needs at least two cellularity runs, got 0"):
+        evaluate(synth_prepared, [str(tiny_seg_run)], tmp_path / "out", ensemble=True, progress=False)

@@ -1,4 +1,4 @@
-"""Test-time augmentation in the exported graph (``cellnet.serving.tta``, ``--tta``).
+"""Test-time augmentation and ensembles in the graph (``cellnet.models.tta``, ``--tta``).
 
 Tolerance: 1e-5 absolute on float32 outputs (the variants' sums are reassociated, nothing more).
 Models are tiny (width 0.125) with calibrated BatchNorm so that outputs spread over (0, 1) and a
@@ -14,7 +14,7 @@ import tensorflow as tf
 from cellnet.errors import CellnetError
 from cellnet.models import CellSegmenter, DirectCellularity, ResNet34Backbone, decode_bins_np
 from cellnet.serving.export import serving_fn
-from cellnet.serving.tta import D4, GROUPS, same_shape_groups, symmetries
+from cellnet.models.tta import D4, GROUPS, same_shape_groups, symmetries
 from conftest import calibrate, graph_preprocess, spread_head
 
 TOLERANCE = 1e-5

@@ -12,40 +12,47 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from cellnet.data.pipeline import patch_records, region_records, split_count
+from cellnet.models.tta import Averaged, Member
 from cellnet.preprocess import IMAGES_SPEC, pad_to_multiple, to_model_input
 
 
 def predict_patches(model, kind: str, prepared: Path, split: str, batch_size: int = 16,
-                    progress: bool = True) -> pd.DataFrame:
-    """Cellularity of every patch of a split (working-resolution uint8 -> [-1, 1] -> model).
+                    progress: bool = True, tta: str = "none") -> pd.DataFrame:
+    """Cellularity of every patch of a split (working-resolution uint8 -> [-1, 1] -> model)."""
+    return predict_averaged(Averaged([Member(model, kind)], tta), prepared, split, batch_size, progress)
 
-    ``p`` is clipped to [0, 1] as the export serves it (``clip_score``), so evaluation scores
-    what users get from a linear head or the GBT's tree sums.
+
+def predict_averaged(averaged: Averaged, prepared: Path, split: str, batch_size: int = 16,
+                     progress: bool = True) -> pd.DataFrame:
+    """Cellularity of every patch of a split from one model or an ensemble, with or without TTA.
+
+    The outputs are the export's own (``cellnet.models.tta.Averaged``): ``p`` is clipped to
+    [0, 1] as served (``clip_score``), so evaluation scores what users get from a linear head or
+    the GBT's tree sums; ``low``/``high`` (80% interval) come with classification heads,
+    ``cellularity_std`` with TTA or an ensemble, ``member<i>_cellularity`` with an ensemble.
     """
-    from cellnet.models.cellularity import clip_score, decode_bins
-
     @tf.function(input_signature=[IMAGES_SPEC])
     def run(images):
-        out = model(to_model_input(images), training=False)
-        out = tf.cast(out, tf.float32)
-        if kind == "classification":
-            decoded = decode_bins(out)
-            return clip_score(decoded["cellularity"]), decoded["low"], decoded["high"]
-        p = clip_score(tf.reshape(out, [-1]))
-        return p, p, p
+        out = averaged(to_model_input(images))
+        out.pop("masks", None)
+        out.pop("class_probs", None)
+        return out
 
     rows = []
     total = split_count(prepared, split)
     with tqdm(total=total, desc=f"predict {split}", unit="patch", disable=not progress) as bar:
         for batch in patch_records(prepared, split, batch_size):
-            p, low, high = (t.numpy() for t in run(batch["image"]))
-            for i in range(len(p)):
-                rows.append({"slide": batch["slide"][i].numpy().decode(), "rid": batch["rid"][i].numpy().decode(),
-                             "patient": batch["patient"][i].numpy().decode(),
-                             "y_true": float(batch["y"][i]), "truth": float(batch["truth"][i]),
-                             "p": float(p[i]),
-                             **({"low": float(low[i]), "high": float(high[i])} if kind == "classification" else {})})
-            bar.update(len(p))
+            out = {k: v.numpy() for k, v in run(batch["image"]).items()}
+            for i in range(len(out["cellularity"])):
+                row = {"slide": batch["slide"][i].numpy().decode(), "rid": batch["rid"][i].numpy().decode(),
+                       "patient": batch["patient"][i].numpy().decode(),
+                       "y_true": float(batch["y"][i]), "truth": float(batch["truth"][i]),
+                       "p": float(out["cellularity"][i])}
+                if "interval" in out:
+                    row.update(low=float(out["interval"][i, 0]), high=float(out["interval"][i, 1]))
+                row.update({k: float(v[i]) for k, v in out.items() if k not in ("cellularity", "interval")})
+                rows.append(row)
+            bar.update(len(out["cellularity"]))
     return pd.DataFrame(rows)
 
 

@@ -15,7 +15,7 @@ from cellnet.evaluation import plots
 from cellnet.classes import CELL_CLASSES
 from cellnet.data.pipeline import split_mean
 from cellnet.evaluation.engine import predict_patches, segment_regions
-from cellnet.errors import bad
+from cellnet.errors import CellnetError, bad
 from cellnet.files import atomic_dir
 from cellnet.data.records import ensure_prepared, load_manifest
 from cellnet.training.runs import read_run
@@ -66,8 +66,17 @@ def _log_blobs(malignant: np.ndarray, threshold: float = 0.24) -> np.ndarray:
 # ----------------------------------------------------------------------------- evaluate
 
 def evaluate(data: str | os.PathLike, runs: list[str], out: str | os.PathLike, split: str = "eval",
-             seed: int = 0, n_boot: int = 2000, progress: bool = True) -> Path:
-    """Score each run, write predictions CSVs, plots and ``report.md`` into ``out`` (atomically)."""
+             seed: int = 0, n_boot: int = 2000, progress: bool = True, tta: str = "none",
+             ensemble: bool = False) -> Path:
+    """Score each run, write predictions CSVs, plots and ``report.md`` into ``out`` (atomically).
+
+    ``tta`` adds a row per cellularity run with that test-time augmentation; ``ensemble`` adds a
+    row for the equal-weight ensemble of every cellularity run (under ``tta``), as ``cellnet
+    export --tta MODE --run R1 --run R2 ...`` would serve it.
+    """
+    from cellnet.models.tta import symmetries
+
+    symmetries(tta)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise bad(out, "exists and is not empty; choose a new --out (nothing was overwritten)")
@@ -83,42 +92,56 @@ def evaluate(data: str | os.PathLike, runs: list[str], out: str | os.PathLike, s
         raise bad(prepared, f"has no labelled '{split}' split to evaluate on")
     if not scoring_cellularity and "cells_val" not in manifest["splits"]:
         raise bad(prepared, "has no 'cells_val' regions to score the segmenters on")
+    cellularity_runs = sum(info["kind"] != "segmentation" for info in infos.values())
+    if ensemble and cellularity_runs < 2:
+        raise CellnetError(f"--ensemble: needs at least two cellularity runs, got {cellularity_runs}")
     with atomic_dir(out) as tmp:
-        results = _evaluate_into(tmp, prepared, infos, split, seed, n_boot, progress)
+        results = _evaluate_into(tmp, prepared, infos, split, seed, n_boot, progress, tta, ensemble)
         (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str))
         (tmp / "report.md").write_text(render_report(results))
     return out
 
 
+def ensemble_name(tta: str) -> str:
+    """The report row (and the demo's export) of the ensemble of every cellularity run."""
+    return "ensemble" if tta == "none" else f"ensemble_{tta}"
+
+
 def _evaluate_into(folder: Path, prepared: Path, infos: dict, split: str, seed: int, n_boot: int,
-                   progress: bool) -> dict:
+                   progress: bool, tta: str = "none", ensemble: bool = False) -> dict:
+    from cellnet.evaluation.engine import predict_averaged
+    from cellnet.models.tta import Averaged, Member
     from cellnet.training.runs import load_run_model
 
     results = {"split": split, "prepared": str(prepared), "segmentation": [], "cellularity": [],
-               "created": time.strftime("%Y-%m-%d %H:%M")}
+               "tta": tta, "created": time.strftime("%Y-%m-%d %H:%M")}
+    members = []
+    score = dict(folder=folder, n_boot=n_boot, seed=seed)
     for run, info in infos.items():
         name = Path(run).name
         model = load_run_model(run)
         if info["kind"] == "segmentation":
             results["segmentation"].append(_evaluate_segmenter(folder, name, run, info, model, prepared, progress))
             continue
-        frame = predict_patches(model, info["kind"], prepared, split, progress=progress)
-        frame.to_csv(folder / f"predictions_{name}.csv", index=False)
-        summary = metrics.cellularity_summary(frame["y_true"], frame["p"], n_boot=n_boot, seed=seed)
         method = method_name(info)
-        plots.scatter(frame["y_true"], frame["p"], folder / f"scatter_{name}.png", title=f"{method} — {name}")
-        plots.bland_altman(frame["y_true"], frame["p"], folder / f"bland_altman_{name}.png", title=f"{method} — {name}")
+        frame = predict_patches(model, info["kind"], prepared, split, progress=progress)
+        results["cellularity"].append(_cellularity_row(frame, name, method, info, run, **score))
         if info["kind"] == "gbt" and (Path(run) / "feature_importance.png").is_file():
             shutil.copyfile(Path(run) / "feature_importance.png", folder / f"feature_importance_{name}.png")
             shutil.copyfile(Path(run) / "feature_importance.csv", folder / f"feature_importance_{name}.csv")
-        results["cellularity"].append({
-            "run": str(run), "name": name, "method": method, "init": init_name(info), "n": summary["n"],
-            "mse": summary["mse"].as_dict(), "kappa": summary["kappa"].as_dict(),
-            "icc21": summary["icc21"].as_dict(), "icc31": summary["icc31"].as_dict(), "pk": summary["pk"],
-            "train_seconds": info.get("train_seconds"), "p": frame["p"].tolist(),
-            "y": frame["y_true"].tolist(),
-            **({"mse_vs_truth": metrics.mse(frame["truth"], frame["p"])} if frame["truth"].notna().all() else {}),
-        })
+        if tta != "none":
+            frame = predict_averaged(Averaged([Member(model, info["kind"])], tta), prepared, split, progress=progress)
+            results["cellularity"].append(_cellularity_row(frame, f"{name}_{tta}", f"{method} + TTA {tta}", info,
+                                                           run, tta=tta, single=name, **score))
+        members.append(Member(model, info["kind"]))
+    if ensemble:
+        frame = predict_averaged(Averaged(members, tta), prepared, split, progress=progress)
+        singles = [r for r in results["cellularity"] if r["tta"] == "none"]
+        best = min(singles, key=lambda r: r["mse"]["value"])
+        method = f"Ensemble of {len(members)}" + (f" + TTA {tta}" if tta != "none" else "")
+        results["cellularity"].append(_cellularity_row(frame, ensemble_name(tta), method, {"init": "random"},
+                                                       "+".join(r["run"] for r in singles), tta=tta,
+                                                       single=best["name"], **score))
     if results["cellularity"]:
         train_mean = split_mean(prepared, "train")
         y = np.asarray(results["cellularity"][0]["y"])
@@ -132,6 +155,28 @@ def _evaluate_into(folder: Path, prepared: Path, infos: dict, split: str, seed: 
     return results
 
 
+def _cellularity_row(frame: pd.DataFrame, name: str, method: str, info: dict, run: str, folder: Path,
+                     n_boot: int, seed: int, tta: str = "none", single: str | None = None) -> dict:
+    """One model's predictions CSV, plots and Table 2/3 numbers; uncertainty where it has one."""
+    frame.to_csv(folder / f"predictions_{name}.csv", index=False)
+    y, p = frame["y_true"], frame["p"]
+    summary = metrics.cellularity_summary(y, p, n_boot=n_boot, seed=seed)
+    plots.scatter(y, p, folder / f"scatter_{name}.png", title=f"{method} — {name}")
+    plots.bland_altman(y, p, folder / f"bland_altman_{name}.png", title=f"{method} — {name}")
+    row = {"run": str(run), "name": name, "method": method, "init": init_name(info), "tta": tta,
+           "single": single, "n": summary["n"], "mse": summary["mse"].as_dict(), "kappa": summary["kappa"].as_dict(),
+           "icc21": summary["icc21"].as_dict(), "icc31": summary["icc31"].as_dict(), "pk": summary["pk"],
+           "train_seconds": info.get("train_seconds"), "p": p.tolist(), "y": y.tolist()}
+    if frame["truth"].notna().all():
+        row["mse_vs_truth"] = metrics.mse(frame["truth"], p)
+    if "low" in frame:
+        row["coverage80"] = metrics.interval_coverage(y, frame["low"], frame["high"], n_boot=n_boot, seed=seed).as_dict()
+    if "cellularity_std" in frame:
+        row["spread_error_spearman"] = metrics.spread_error_correlation(
+            y, p, frame["cellularity_std"], n_boot=n_boot, seed=seed).as_dict()
+    return row
+
+
 def _compare(rows: list[dict], y: np.ndarray, train_mean: float, n_boot: int, seed: int) -> dict:
     """Paired bootstrap of MSE differences: best vs the mean baseline and vs the runner-up."""
     ranked = sorted(rows, key=lambda r: r["mse"]["value"])
@@ -142,6 +187,10 @@ def _compare(rows: list[dict], y: np.ndarray, train_mean: float, n_boot: int, se
 
     out = {"best": ranked[0]["name"], "best_method": ranked[0]["method"],
            "vs_baseline": diff(np.full_like(y, train_mean))}
+    by_name = {r["name"]: r for r in rows}
+    out["vs_single"] = {r["name"]: {"single": r["single"], "mse_difference": metrics.mse_difference_ci(
+        y, np.asarray(r["p"]), np.asarray(by_name[r["single"]]["p"]), n_boot=n_boot, seed=seed).as_dict()}
+        for r in rows if r.get("single")}
     if len(ranked) > 1:
         out["runner_up"] = ranked[1]["name"]
         out["vs_runner_up"] = diff(np.asarray(ranked[1]["p"]))
@@ -220,6 +269,7 @@ def render_report(results: dict) -> str:
         paper = PAPER_TABLE3.get(r["method"], ("—", "—"))
         lines.append(f"| {r['method']} | {r['init']} | {_est(r['kappa'])} | {paper[0]} | {_est(r['icc21'])} | "
                      f"{paper[1]} | {_est(r['icc31'])} | {_fmt(r['pk'])} |")
+    lines += _uncertainty_table(results)
     lines += ["", "Paper kappa/ICC are for ImageNet-initialised models. P_K is the BreastPathQ challenge "
               "metric (probability that the predictions order two patches like the truth).", "",
               "## Files", "",
@@ -231,6 +281,27 @@ def render_report(results: dict) -> str:
               "thresholds, LoG blobs, masks (paper Figs. 4, 5, 7).",
               "- `cellularity_metrics.csv`, `segmentation_metrics.csv`, `results.json`: every number above.", ""]
     return "\n".join(lines)
+
+
+def _uncertainty_table(results: dict) -> list[str]:
+    """TTA and ensemble rows against their single model; interval coverage; spread vs error."""
+    rows = [r for r in results["cellularity"] if r.get("single") or "coverage80" in r or "spread_error_spearman" in r]
+    if not rows:
+        return []
+    versus = results["comparison"].get("vs_single", {})
+    lines = ["", "## Test-time augmentation, ensembles and uncertainty", "",
+             "| Model | Run | MSE [95% CI] | minus its single model [95% CI] | 80% interval coverage | "
+             "Spearman(spread, abs error) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        d = versus.get(r["name"])
+        lines.append(f"| {r['method']} | `{r['name']}` | {_est(r['mse'])} | "
+                     f"{(_est(d['mse_difference']) + ' vs `' + d['single'] + '`') if d else '—'} | "
+                     f"{_est(r.get('coverage80'))} | {_est(r.get('spread_error_spearman'))} |")
+    return lines + ["", "The difference is paired (same patches, bootstrap); below 0 the TTA or ensemble row "
+                    "is better. An ensemble is compared with the best single model. Coverage: the share of "
+                    "true scores inside the classification head's 80% interval (0.8 when calibrated). "
+                    "Spread: `cellularity_std` over the TTA variants and ensemble members; a positive rank "
+                    "correlation with the absolute error means the spread flags the patches it gets wrong."]
 
 
 def _table1(segmentation: list[dict]) -> list[str]:

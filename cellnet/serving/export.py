@@ -20,7 +20,7 @@ ensemble        ``cellularity``, ``cellularity_std``, ``member<i>_cellularity`` 
                 ``interval`` (when every member is a classification head)
 ==============  ====================================================================
 
-Test-time augmentation (``--tta flips|d4``, ``cellnet.serving.tta``) runs the 2 or 8 variants
+Test-time augmentation (``--tta flips|d4``, ``cellnet.models.tta``) runs the 2 or 8 variants
 inside the graph, maps masks back through the inverse transform and averages them and the
 cellularity (each variant's score clipped first, so an ensemble of exports equals the mean of
 their outputs); cellularity models then also serve ``cellularity_std``, the spread of the
@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -51,10 +50,8 @@ import tensorflow as tf
 
 from cellnet.errors import CellnetError, bad
 from cellnet.files import atomic_dir, writing
-from cellnet.models import decode_bins
-from cellnet.models.cellularity import clip_score
-from cellnet.preprocess import DOWNSAMPLE, IMAGES_SPEC, PATCH_SIZE, full_res_to_model_input, pad_to_multiple
-from cellnet.serving.tta import Symmetry, same_shape_groups, symmetries
+from cellnet.models.tta import Averaged, Member, member_output, symmetries
+from cellnet.preprocess import DOWNSAMPLE, IMAGES_SPEC, PATCH_SIZE, full_res_to_model_input
 
 KINDS: tuple[str, ...] = ("segmentation", "regression", "classification", "cascade", "gbt")
 #: Kinds that output a cellularity score (and need patches of the training size).
@@ -92,24 +89,6 @@ def next_version(name_dir: str | os.PathLike) -> int:
 
 # ----------------------------------------------------------------------------- graph pieces
 
-def _output_heads(model: keras.Model, kind: str) -> keras.Model:
-    """A Keras model from [-1, 1] images to the kind's raw outputs, as a dict.
-
-    Cascade and GBT models expose their inner segmenter's maps too; they are taken from the
-    node where the outer model calls its segmenter, so the segmenter runs once per request.
-    """
-    if kind in ("cascade", "gbt"):
-        return keras.Model(model.inputs, {"cellularity": model.outputs[0],
-                                          "masks": _segmenter_maps(model)}, name=f"{kind}_heads")
-    key = {"segmentation": "masks", "regression": "cellularity", "classification": "class_probs"}[kind]
-    return keras.Model(model.inputs, {key: model.outputs[0]}, name=f"{kind}_heads")
-
-
-def _segmenter_maps(model: keras.Model) -> keras.KerasTensor:
-    """The symbolic maps where ``model``'s graph calls its segmenter (SRCascade, GBTCellularity)."""
-    return model.segmenter_maps
-
-
 def _patch_size(model: keras.Model, kind: str) -> int | None:
     """Full-resolution patch size a cellularity model was built for (None: any size)."""
     if kind not in CELLULARITY_KINDS:
@@ -133,93 +112,6 @@ def _checked(images: tf.Tensor, kind: str, patch: int | None) -> tf.Tensor:
     return images if patch is None else tf.ensure_shape(images, [None, patch, patch, 3])
 
 
-@dataclass(frozen=True)
-class Member:
-    """One model of an export: a single run, or one run of an ensemble with its weight."""
-
-    model: keras.Model
-    kind: str
-    weight: float = 1.0
-
-
-def _variant_outputs(heads: keras.Model, kind: str, x: tf.Tensor,
-                     variants: tuple[Symmetry, ...]) -> list[dict[str, tf.Tensor]]:
-    """The raw outputs of ``heads`` on every variant of ``x``, masks mapped back to x's frame.
-
-    Variants of one shape run as one batch; a segmenter's input is padded to a multiple of 32
-    per group and its maps cropped back before the inverse transform.
-    """
-    outputs = []
-    for group in same_shape_groups(variants):
-        batch = tf.concat([v.forward(x) for v in group], axis=0) if len(group) > 1 else group[0].forward(x)
-        if kind == "segmentation":
-            batch, size = pad_to_multiple(batch)
-        raw = {k: tf.cast(v, tf.float32) for k, v in heads(batch, training=False).items()}
-        if kind == "segmentation":
-            raw["masks"] = raw["masks"][:, :size[0], :size[1], :]
-        parts = {k: tf.split(v, len(group), axis=0) if len(group) > 1 else [v] for k, v in raw.items()}
-        for i, variant in enumerate(group):
-            out = {k: parts[k][i] for k in raw}
-            if "masks" in out:
-                out["masks"] = variant.inverse(out["masks"])
-            outputs.append(out)
-    return outputs
-
-
-def _mean(tensors: list[tf.Tensor]) -> tf.Tensor:
-    return tensors[0] if len(tensors) == 1 else tf.add_n(tensors) / float(len(tensors))
-
-
-def _member_summary(variants: list[dict[str, tf.Tensor]], kind: str) -> dict[str, tf.Tensor]:
-    """A member's TTA means, and (cellularity models) its clipped score per variant as ``scores``."""
-    summary = {}
-    if "masks" in variants[0]:
-        summary["masks"] = _mean([v["masks"] for v in variants])
-    if kind == "segmentation":
-        return summary
-    if kind == "classification":
-        summary["class_probs"] = _mean([v["class_probs"] for v in variants])
-        scores = [clip_score(decode_bins(v["class_probs"])["cellularity"]) for v in variants]
-    else:
-        scores = [clip_score(v["cellularity"][:, 0]) for v in variants]
-    summary["scores"] = tf.stack(scores, axis=0)  # (variants, N)
-    summary["cellularity"] = tf.reduce_mean(summary["scores"], axis=0)
-    return summary
-
-
-def _combine(summaries: list[dict[str, tf.Tensor]], weights: list[float], spread: bool) -> dict[str, tf.Tensor]:
-    """Weighted ensemble of member summaries: the served outputs (SPEC 6 names, see module doc)."""
-    outputs = {}
-    with_masks = [(s["masks"], w) for s, w in zip(summaries, weights) if "masks" in s]
-    if with_masks:
-        total = sum(w for _, w in with_masks)
-        outputs["masks"] = tf.add_n([m * (w / total) for m, w in with_masks]) if len(with_masks) > 1 \
-            else with_masks[0][0]
-    if "cellularity" not in summaries[0]:
-        return outputs
-    outputs["cellularity"] = tf.add_n([s["cellularity"] * w for s, w in zip(summaries, weights)]) \
-        if len(summaries) > 1 else summaries[0]["cellularity"]
-    if all("class_probs" in s for s in summaries):
-        probs = tf.add_n([s["class_probs"] * w for s, w in zip(summaries, weights)]) \
-            if len(summaries) > 1 else summaries[0]["class_probs"]
-        decoded = decode_bins(probs)
-        outputs["class_probs"] = probs
-        outputs["interval"] = tf.stack([decoded["low"], decoded["high"]], axis=-1)
-    if spread:  # weighted std over every (member, variant) score
-        squares = [tf.reduce_mean(tf.square(s["scores"] - outputs["cellularity"]), axis=0) * w
-                   for s, w in zip(summaries, weights)]
-        outputs["cellularity_std"] = tf.sqrt(tf.add_n(squares))
-    if len(summaries) > 1:
-        for i, s in enumerate(summaries):
-            outputs[member_output(i)] = s["cellularity"]
-    return outputs
-
-
-def member_output(index: int) -> str:
-    """Name of an ensemble member's own (TTA-averaged) cellularity output."""
-    return f"member{index}_cellularity"
-
-
 def _common_patch(members: list[Member]) -> int | None:
     patches = {_patch_size(m.model, m.kind) for m in members}
     if len(patches) > 1:
@@ -229,26 +121,14 @@ def _common_patch(members: list[Member]) -> int | None:
 
 
 def ensemble_fn(members: list[Member], tta: str = "none") -> tf.types.experimental.GenericFunction:
-    """uint8 RGB [N, H, W, 3] at full resolution -> the averaged outputs of ``members`` under ``tta``.
-
-    Weights are normalised to sum to 1. ``cellularity_std`` (the spread over members and variants)
-    is served when there is more than one of either.
-    """
-    variants = symmetries(tta)
-    heads = [_output_heads(m.model, m.kind) for m in members]
-    total = sum(m.weight for m in members)
-    weights = [m.weight / total for m in members]
-    kind = members[0].kind if len(members) == 1 else "ensemble"
+    """uint8 RGB [N, H, W, 3] at full resolution -> the averaged outputs of ``members`` under ``tta``."""
+    averaged = Averaged(members, tta)
+    kind = averaged.kind
     patch = _common_patch(members)
-    spread = len(members) * len(variants) > 1
 
     @tf.function(input_signature=[IMAGES_SPEC])
     def serve(images):
-        images = _checked(images, kind, patch)
-        x = full_res_to_model_input(images)
-        summaries = [_member_summary(_variant_outputs(h, m.kind, x, variants), m.kind)
-                     for h, m in zip(heads, members)]
-        return _combine(summaries, weights, spread)
+        return averaged(full_res_to_model_input(_checked(images, kind, patch)))
 
     return serve
 
