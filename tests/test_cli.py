@@ -29,6 +29,10 @@ def test_import_help_explains_the_formats(capsys):
     (["train", "segmentation", "--data", "{tmp}/missing", "--run", "{tmp}/run"], "missing: no such dataset folder"),
     (["evaluate", "--data", "{tmp}", "--runs", "{tmp}", "--out", "{tmp}/o"], "not a cellnet run folder"),
     (["export", "--run", "{tmp}", "--out", "{tmp}/sm"], "not a cellnet run folder"),
+    (["export", "--run", "{tmp}", "--run", "{tmp}", "--weights", "1", "--out", "{tmp}/sm"],
+     "--weights '1': 1 weight(s) for 2 --run(s)"),
+    (["evaluate", "--data", "{tmp}", "--runs", "{tmp}", "--out", "{tmp}/o", "--tta", "d4", "--ensemble"],
+     "not a cellnet run folder"),
     (["predict", "--model", "{tmp}", "--input", "{tmp}", "--out", "{tmp}/p.csv"], "empty folder"),
 ])
 def test_user_errors_are_one_line(argv, needle, tmp_path, capsys):

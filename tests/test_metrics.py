@@ -321,3 +321,29 @@ def test_cellularity_summary_collects_every_metric():
     assert summary["icc31"] == metrics.icc(y, p, "3,1")
     assert summary["pk"] == metrics.prediction_probability(y, p)
     assert isinstance(summary["pk"], float)
+
+
+# ----------------------------------------------------------------------------- uncertainty
+
+def test_interval_coverage_counts_truths_inside_with_a_bootstrap_interval():
+    from cellnet.evaluation.metrics import interval_coverage
+
+    y = np.array([0.1, 0.5, 0.9, 0.3])
+    low, high = np.array([0.0, 0.6, 0.8, 0.3]), np.array([0.2, 0.7, 1.0, 0.3])  # 3 of 4 inside (ends count)
+    estimate = interval_coverage(y, low, high, n_boot=500, seed=0)
+    assert estimate.value == 0.75
+    assert 0.0 <= estimate.low <= 0.75 <= estimate.high <= 1.0 and estimate.high - estimate.low > 0.2
+
+
+def test_spread_error_correlation_ranks_uncertainty_against_absolute_error():
+    from cellnet.evaluation.metrics import spread_error_correlation
+
+    rng = np.random.default_rng(0)
+    y = rng.uniform(0, 1, 200)
+    spread = rng.uniform(0.01, 0.2, 200)
+    p = y + rng.normal(0, 1, 200) * spread  # errors grow with the spread
+    informative = spread_error_correlation(y, p, spread, n_boot=300, seed=0)
+    assert informative.value > 0.3 and informative.low > 0
+    useless = spread_error_correlation(y, p, rng.uniform(0, 1, 200), n_boot=300, seed=0)
+    assert abs(useless.value) < 0.2 and useless.low < 0 < useless.high
+    assert np.isnan(spread_error_correlation(y, p, np.full(200, 0.1), n_boot=50).value)  # no ranking
