@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cellnet.choices import ARCHS, DECODERS, HEADS, REGRESSION_ACTIVATIONS, STAIN_NORMS, TTA_MODES, UNITS
+from cellnet.choices import ARCHS, DECODERS, HEADS, PRECISIONS, REGRESSION_ACTIVATIONS, STAIN_NORMS, TTA_MODES, UNITS
 from cellnet.quiet import import_tensorflow
 from cellnet.training.presets import PRESETS
 
@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", default="none", choices=TTA_MODES,
                    help="test-time augmentation in the graph: flips (x2) or d4 (x8, flips and rotations); "
                         "adds cellularity_std (default none)")
+    p.add_argument("--precision", default="float32", choices=PRECISIONS,
+                   help="compute precision inside the SavedModel (inputs and outputs keep their dtypes); "
+                        "bfloat16 pays off on CPUs with AVX512-BF16 or AMX and on GPUs (default float32)")
     p.add_argument("--out", required=True, help="saved_models/NAME")
     p.add_argument("--version", type=int, help="version number (default: next free)")
 
@@ -212,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "export":
         from cellnet.serving.export import export_run, parse_weights
         path = export_run(args.run, args.out, version=args.version, tta=args.tta,
-                          weights=parse_weights(args.weights, len(args.run)))
+                          weights=parse_weights(args.weights, len(args.run)), precision=args.precision)
         print(f"exported {path}")
     elif args.command == "predict":
         from cellnet.serving.predict import predict

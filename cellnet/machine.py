@@ -33,6 +33,16 @@ def cpu() -> dict:
             "cores": os.cpu_count()}
 
 
+def reduced_precision_support() -> dict[str, bool]:
+    """Whether this CPU computes bfloat16 / float16 natively (else TF emulates them, slowly).
+
+    bfloat16: AVX512-BF16 or AMX-BF16 (oneDNN's bf16 kernels); float16: AVX512-FP16 or AMX-FP16.
+    """
+    simd = set(cpu()["simd"])
+    return {"bfloat16": bool(simd & {"avx512_bf16", "amx_bf16"}),
+            "float16": bool(simd & {"avx512_fp16", "amx_fp16"})}
+
+
 def onednn() -> str:
     """oneDNN's version and the ISA it dispatches to, from a child process's verbose output."""
     probe = ("import tensorflow as tf\n"

@@ -48,6 +48,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from cellnet.choices import PRECISIONS
 from cellnet.errors import CellnetError, bad
 from cellnet.files import atomic_dir, writing
 from cellnet.models.tta import Averaged, Member, member_output, symmetries
@@ -191,6 +192,27 @@ def served_outputs(kind: str, tta: str = "none", members: int = 1, all_classific
     return outputs + [member_output(i) for i in range(members)]
 
 
+def with_precision(model: keras.Model, precision: str) -> keras.Model:
+    """``model`` rebuilt under Keras's ``mixed_<precision>`` policy, with the same weights.
+
+    Convolutions and dense layers then compute in bfloat16 / float16 (variables stay float32);
+    the layers that must not (the ``masks``/``cellularity``/``class_probs`` outputs, stain
+    normalisation, the 81 features and the GBT's thresholds) are float32 by construction.
+    """
+    if precision not in PRECISIONS:
+        raise CellnetError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "float32":
+        return model
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(f"mixed_{precision}")
+    try:
+        clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(model))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
 def export_model(model: keras.Model, kind: str, path: str | os.PathLike, metadata: dict,
                  tta: str = "none") -> Path:
     """Write ``model`` as a SavedModel at ``path`` (must not exist), atomically."""
@@ -270,16 +292,19 @@ def _run_kind(run: Path) -> tuple[str, dict]:
 
 
 def export_run(run: str | os.PathLike | list, out: str | os.PathLike, version: int | None = None,
-               tta: str = "none", weights: list[float] | None = None) -> Path:
+               tta: str = "none", weights: list[float] | None = None, precision: str = "float32") -> Path:
     """Export a run's ``best.keras`` (or several runs' as one ensemble) to ``out/<version>/``.
 
     ``out`` is ``saved_models/<name>``; ``version`` defaults to the next free number (from 1) and
     an existing version is refused, never overwritten. Several runs must all output cellularity
     (SR cascade, GBT, direct regression or classification); ``weights`` default to equal.
+    ``precision`` bfloat16 or float16 computes in reduced precision (``with_precision``).
     """
     runs = [Path(r) for r in (run if isinstance(run, (list, tuple)) else [run])]
     out = Path(out)
     symmetries(tta)
+    if precision not in PRECISIONS:
+        raise CellnetError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     weights = weights or [1.0] * len(runs)
     if len(weights) != len(runs):
         raise CellnetError(f"--weights: {len(weights)} weight(s) for {len(runs)} --run(s); give one per run")
@@ -290,10 +315,13 @@ def export_run(run: str | os.PathLike | list, out: str | os.PathLike, version: i
                 raise bad(r, f"is a {kind} run; an ensemble averages cellularity, so every --run must be "
                              f"one of {', '.join(CELLULARITY_KINDS)}")
     target, version = _target(out, version)
-    members = [Member(_load(r, kind), kind, w) for r, (kind, _), w in zip(runs, kinds, weights)]
+    members = [Member(with_precision(_load(r, kind), precision), kind, w)
+               for r, (kind, _), w in zip(runs, kinds, weights)]
     if len(runs) == 1:
         return export_model(members[0].model, members[0].kind, target,
-                            {"version": version, "run": str(runs[0].resolve()), "run_info": kinds[0][1]}, tta=tta)
+                            {"version": version, "run": str(runs[0].resolve()), "run_info": kinds[0][1],
+                             "precision": precision}, tta=tta)
     listed = [{"output": member_output(i), "run": str(r.resolve()), "kind": kind, "weight": w / sum(weights),
                "run_info": info} for i, (r, (kind, info), w) in enumerate(zip(runs, kinds, weights))]
-    return export_members(members, target, {"version": version, "members": listed}, tta=tta)
+    return export_members(members, target, {"version": version, "members": listed, "precision": precision},
+                          tta=tta)
