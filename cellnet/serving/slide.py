@@ -1,6 +1,8 @@
 """``cellnet slide``: cellularity over a whole-slide image (SPEC 6).
 
-The slide is read with tiffslide and tiled like the training patches: 512 px tiles covering
+The slide is read with tiffslide, or with wsidicom when it is a DICOM whole-slide image (a folder
+of the slide's VL Whole Slide Microscopy instances, or one ``.dcm`` file of it: then its folder is
+read), and tiled like the training patches: 512 px tiles covering
 256 um (0.5 um/px, 20x). With the slide's microns-per-pixel the tile spans ``256 / mpp``
 level-0 pixels, read from the coarsest level that still has that resolution and resized to
 512 px; without it level 0 is taken to be 0.5 um/px. Tiles are kept where a thumbnail's tissue
@@ -39,6 +41,7 @@ import numpy as np
 import tiffslide
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
@@ -80,11 +83,122 @@ class Tile:
 
 # ----------------------------------------------------------------------------- reading
 
-def open_slide(path: str | os.PathLike) -> tiffslide.TiffSlide:
-    """The slide, its metadata parsed; a one-line error for a missing or unreadable file."""
+#: A file with the DICOM preamble's magic at this offset is a DICOM instance (whatever its name).
+DICOM_MAGIC = (128, b"DICM")
+
+
+def is_dicom(path: Path) -> bool:
+    """A folder (of DICOM instances) or a DICOM file: ``.dcm``, or the ``DICM`` magic at byte 128."""
+    if path.is_dir() or path.suffix.lower() == ".dcm":
+        return True
+    offset, magic = DICOM_MAGIC
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
+class DicomSlide:
+    """A DICOM WSI (wsidicom) behind the part of tiffslide's interface this module uses.
+
+    Levels are the selected pyramid's (focal plane and optical path wsidicom's defaults);
+    ``read_region`` takes level-0 coordinates like tiffslide's and returns the part of the
+    region inside the level (the caller pads); ``mpp`` is (x, y) um/px from the pixel spacing.
+    """
+
+    def __init__(self, wsi):
+        self.wsi = wsi
+        self._levels = sorted(wsi.levels, key=lambda level: level.level)
+        base = self._levels[0].size
+        self.dimensions = (base.width, base.height)
+        self.level_count = len(self._levels)
+        self.level_dimensions = tuple((level.size.width, level.size.height) for level in self._levels)
+        # wsidicom places a level 2**level below the base (its pixel spacing, rounded to powers of 2)
+        self.level_downsamples = tuple(float(2 ** level.level) for level in self._levels)
+
+    @property
+    def mpp(self) -> tuple[float, float] | None:
+        try:
+            spacing = self.wsi.mpp
+        except Exception:  # no pixel spacing: the caller assumes the training magnification
+            return None
+        return float(spacing.width), float(spacing.height)
+
+    def get_best_level_for_downsample(self, downsample: float) -> int:
+        """The coarsest level no coarser than ``downsample`` (tiffslide's and OpenSlide's rule)."""
+        if downsample <= 1.0:
+            return 0
+        for level, ds in enumerate(self.level_downsamples):
+            if ds > downsample:
+                return level - 1
+        return self.level_count - 1
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int], as_array: bool = False):
+        """RGB pixels of the region at ``level`` whose top left is ``location`` in level-0 px."""
+        downsample = self.level_downsamples[level]
+        width, height = self.level_dimensions[level]
+        x0, y0 = (min(max(int(v / downsample), 0), limit) for v, limit in zip(location, (width, height)))
+        x1, y1 = min(x0 + int(size[0]), width), min(y0 + int(size[1]), height)
+        if x1 <= x0 or y1 <= y0:
+            region = np.zeros((max(y1 - y0, 0), max(x1 - x0, 0), 3), np.uint8)
+        else:
+            region = np.asarray(self.wsi.read_region((x0, y0), self._levels[level].level, (x1 - x0, y1 - y0),
+                                                     as_array=True))
+        if region.ndim == 2 or region.shape[-1] == 1:  # MONOCHROME2: grey as RGB
+            region = np.repeat(region.reshape(*region.shape[:2], 1), 3, axis=-1)
+        return region if as_array else Image.fromarray(region)
+
+    def get_thumbnail(self, size: tuple[int, int]) -> Image.Image:
+        """The best level for ``size`` read whole, resized to fit it (as tiffslide's thumbnail)."""
+        downsample = max(self.dimensions[0] / size[0], self.dimensions[1] / size[1])
+        level = self.get_best_level_for_downsample(downsample)
+        thumbnail = self.read_region((0, 0), level, self.level_dimensions[level])
+        thumbnail.thumbnail(size, Image.Resampling.LANCZOS)
+        return thumbnail
+
+
+#: Either backend: the rest of this module uses only what both offer.
+Slide = tiffslide.TiffSlide | DicomSlide
+
+
+def _problem(exc: Exception, limit: int) -> str:
+    message = str(exc).strip().splitlines()[0][:limit] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def open_dicom(path: Path) -> DicomSlide:
+    """The DICOM WSI in the folder ``path`` (or the folder of the instance ``path``)."""
+    folder = path if path.is_dir() else path.parent
+    try:  # imported here: only DICOM slides need it (and it is slow to import)
+        from wsidicom import WsiDicom
+        from wsidicom.errors import WsiDicomNotFoundError
+    except ImportError:
+        raise bad(path, "is a DICOM slide, which needs wsidicom (pip install wsidicom)") from None
+
+    try:
+        return DicomSlide(WsiDicom.open(folder))
+    except WsiDicomNotFoundError:
+        raise bad(folder, "no DICOM whole-slide image here (no readable VL Whole Slide Microscopy "
+                          "volume instance)") from None
+    except Exception as exc:  # any reader failure is the files' problem, reported in one line
+        raise bad(folder, f"cannot be read as a DICOM whole-slide image ({_problem(exc, 100)})") from None
+
+
+def open_slide(path: str | os.PathLike) -> Slide:
+    """The slide, its metadata parsed; a one-line error for a missing or unreadable file.
+
+    A folder, a ``.dcm`` file or a file with the DICOM magic opens as a DICOM WSI; anything else
+    with tiffslide.
+    """
     path = Path(path)
+    if not path.exists():
+        raise bad(path, "no such file or folder")
+    if is_dicom(path):
+        return open_dicom(path)
     if not path.is_file():
-        raise bad(path, "no such file")
+        raise bad(path, "not a file or folder")
     try:
         slide = tiffslide.TiffSlide(path)
         _ = slide.properties, slide.dimensions, slide.level_downsamples  # parsed lazily: fail here
@@ -93,17 +207,20 @@ def open_slide(path: str | os.PathLike) -> tiffslide.TiffSlide:
         raise bad(path, f"cannot be read as a whole-slide image ({type(exc).__name__}: {str(exc)[:100]})") from None
 
 
-def read_thumbnail(slide: tiffslide.TiffSlide, path: Path) -> np.ndarray:
+def read_thumbnail(slide: Slide, path: Path) -> np.ndarray:
     """The slide's RGB thumbnail (longest side ``THUMBNAIL_SIZE``); a one-line error if unreadable."""
     try:
         return np.asarray(slide.get_thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE)).convert("RGB"))
     except Exception as exc:  # a truncated or damaged slide is the file's problem, reported in one line
-        raise bad(path, f"unreadable or truncated whole-slide image ({type(exc).__name__}: {str(exc)[:80]})") from None
+        raise bad(path, f"unreadable or truncated whole-slide image ({_problem(exc, 80)})") from None
 
 
-def slide_mpp(slide: tiffslide.TiffSlide) -> float | None:
+def slide_mpp(slide: Slide) -> float | None:
     """Level-0 microns per pixel from the slide's metadata, or None when absent."""
-    values = [slide.properties.get(f"tiffslide.mpp-{axis}") for axis in ("x", "y")]
+    if isinstance(slide, DicomSlide):
+        values = list(slide.mpp or ())
+    else:
+        values = [slide.properties.get(f"tiffslide.mpp-{axis}") for axis in ("x", "y")]
     values = [float(v) for v in values if v is not None and float(v) > 0]
     return float(np.mean(values)) if values else None
 
@@ -138,7 +255,7 @@ def tile_grid(dimensions: tuple[int, int], tile: float, mask: np.ndarray) -> lis
     return tiles
 
 
-def read_tile(slide: tiffslide.TiffSlide, path: Path, tile: Tile, level: int, patch: int) -> np.ndarray:
+def read_tile(slide: Slide, path: Path, tile: Tile, level: int, patch: int) -> np.ndarray:
     """The tile as uint8 RGB ``patch x patch``, read at ``level`` and resized; white outside."""
     downsample = slide.level_downsamples[level]
     width, height = slide.dimensions
@@ -148,7 +265,7 @@ def read_tile(slide: tiffslide.TiffSlide, path: Path, tile: Tile, level: int, pa
     try:
         region = np.asarray(slide.read_region((tile.x, tile.y), level, inside, as_array=True))
     except Exception as exc:  # a damaged tile is the file's problem, reported in one line
-        raise bad(path, f"tile at ({tile.x}, {tile.y}) unreadable ({type(exc).__name__}: {str(exc)[:80]})") from None
+        raise bad(path, f"tile at ({tile.x}, {tile.y}) unreadable ({_problem(exc, 80)})") from None
     canvas = np.full((size, size, 3), WHITE, np.uint8)
     canvas[:region.shape[0], :region.shape[1]] = region[..., :3]
     interpolation = cv2.INTER_AREA if size > patch else cv2.INTER_LINEAR
