@@ -71,6 +71,8 @@ def describe() -> str:
         f"cpu: {facts['model']} ({facts['cores']} cores)",
         f"simd: {' '.join(facts['simd']) or 'none reported'}",
         f"avx512/amx: {' '.join(f for f in facts['simd'] if f.startswith(('avx512', 'amx'))) or 'none'}",
+        "native 16-bit compute: " + (", ".join(k for k, v in reduced_precision_support().items() if v)
+                                     or "none (bfloat16/float16 exports run emulated here)"),
         f"python {platform.python_version()}, tensorflow {tf.__version__}, keras {keras.__version__}",
         f"oneDNN: {onednn()} (TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'default')})",
     ])
