@@ -53,7 +53,7 @@ def filtered_stderr() -> Iterator[None]:
 #: cellnet's per-model ``tf.function``s: each traces exactly once (a fixed input signature), but
 #: TensorFlow counts traces by code object across instances and calls one trace per model, in a
 #: loop over runs, "frequent retracing".
-OWN_TRACES = re.compile(r"calls to <function (predict_patches|segment_regions|segmenter_features)\.<locals>\.")
+OWN_TRACES = re.compile(r"calls to <function (predict_averaged|segment_regions|segmenter_features|ensemble_fn)\.<locals>\.")
 
 
 class _OwnTracesFilter(logging.Filter):

@@ -167,6 +167,40 @@ def test_unknown_shapes_inside_tf_function():
     assert fn.experimental_get_tracing_count() == 1
 
 
+@pytest.mark.parametrize("shape", [(1, 16, 16, 4), (2, 16, 23, 3), (1, 33, 17, 4)])
+def test_smallest_and_odd_maps_match_reference(shape):
+    """16 px (the widest kernel's radius, the least the mirror padding allows), odd and
+    non-square sizes, a batch of one; white noise puts peaks on every border row and column."""
+    maps = np.random.default_rng(4).random(shape).astype(np.float32)
+    got = extract_features(maps).numpy()
+    assert got[:, BLOB_COUNT].sum() > 20
+    assert_matches_reference(got, maps)
+
+
+def test_blobs_on_borders_and_corners():
+    """Impulses at corners and edges: each blob is found where it sits, exactly as skimage
+    counts it. The last two maps have one at the end of a row and one at the start of the next,
+    neighbours in memory but not in the image; the taller must not hide the other."""
+    size = 24
+    spots = [{(0, 0): 1.0}, {(0, size - 1): 1.0}, {(size - 1, 0): 1.0},
+             {(size - 1, size - 1): 1.0}, {(0, 11): 1.0}, {(size - 1, 7): 1.0}, {(9, 0): 1.0},
+             {(14, size - 1): 1.0}, {(12, 12): 1.0},
+             {(5, size - 1): 1.0, (6, 0): 0.5}, {(5, size - 1): 0.5, (6, 0): 1.0}]
+    maps = np.zeros((len(spots), size, size, 3), np.float32)
+    for i, heights in enumerate(spots):
+        for (y, x), height in heights.items():
+            maps[i, y, x] = height
+    got = extract_features(maps).numpy()
+    for i, heights in enumerate(spots):
+        for t in BLOB_T:
+            count = got[i, FEATURE_NAMES.index(f"normal_blobs@{t}")]
+            assert count == len(find_blobs(maps[i, :, :, 0], t))
+        # one blob per spot at the lowest threshold, centred on it
+        assert got[i, FEATURE_NAMES.index("normal_blobs@0.02")] == len(heights)
+        assert got[i, FEATURE_NAMES.index("normal_blob_activation@0.02")] == sum(heights.values())
+    assert_matches_reference(got, maps)
+
+
 @pytest.mark.parametrize("shape", [(2, 32, 32, 5), (32, 32, 4), (1, 8, 32, 4)])
 def test_bad_shapes_raise(shape):
     with pytest.raises(CellnetError, match="segmentation maps"):

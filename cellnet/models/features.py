@@ -19,8 +19,18 @@ way that cannot be batched. On maps of separated nuclei both agree; on noisy map
 drop overlapping maxima (measured: up to ~12% of the blobs at t <= 0.08 on white noise, none at
 t >= 0.16).
 
+How (CPU cost in mind, same values as the direct convolution to float32 rounding):
+
+- the scale space is one FFT of the mirror-padded planes, then per sigma a product with the
+  separable LoG transfer function and an inverse FFT (no per-tap convolution passes);
+- peaks: a dense max over (sigma, y) neighbours, candidates equal to it, then the x neighbours
+  of those few candidates, gathered;
+- each peak falls in one level (how many blob thresholds its response exceeds): one segment sum
+  per plane and level, and reverse cumulative sums give every threshold.
+
 Everything is batched (no loop over images) and shape-agnostic, so the function runs inside a
-``tf.function`` with unknown batch size and map size, and inside the exported SavedModel.
+``tf.function`` with unknown batch size and map size, and inside the exported SavedModel (plain
+TF ops, no XLA, so TF Serving runs it as is).
 """
 from __future__ import annotations
 
@@ -55,78 +65,99 @@ FEATURE_NAMES: tuple[str, ...] = tuple(
 NUM_FEATURES = len(FEATURE_NAMES)
 
 
-def _gaussian_kernels(sigma: float, radius: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sampled 1-D Gaussian and its second derivative, truncated at ``TRUNCATE * sigma``.
-
-    Both are laid out on ``[-radius, radius]`` (zero outside the truncation) so that every
-    sigma shares one padding and one convolution.
-    """
+def _gaussian_kernels(sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Sampled 1-D Gaussian and its second derivative on ``[-r, r]``, ``r = TRUNCATE * sigma``."""
+    radius = int(TRUNCATE * sigma + 0.5)
     x = np.arange(-radius, radius + 1, dtype=np.float64)
-    support = np.abs(x) <= int(TRUNCATE * sigma + 0.5)
-    g = np.where(support, np.exp(-0.5 * (x / sigma) ** 2), 0.0)
+    g = np.exp(-0.5 * (x / sigma) ** 2)
     g /= g.sum()
     # d^2/dx^2 exp(-x^2 / 2 s^2) = (x^2 / s^4 - 1 / s^2) exp(-x^2 / 2 s^2)
-    g2 = g * (x**2 / sigma**4 - 1.0 / sigma**2)
-    return g, g2
+    return g, g * (x**2 / sigma**4 - 1.0 / sigma**2)
 
 
-def _log_filter_bank() -> tuple[np.ndarray, np.ndarray]:
-    """Separable filters for every sigma: a pass along x, then a depthwise pass along y.
+_KERNELS = tuple(_gaussian_kernels(float(sigma)) for sigma in LOG_SIGMAS)
 
-    The x pass makes 2 maps per sigma (second derivative, Gaussian); the y pass applies the
-    Gaussian to the first and the second derivative to the second, so the two outputs sum to
-    d2/dx2 + d2/dy2 = the Laplacian. Pre-multiplied by -sigma^2: bright blobs are positive and
-    responses compare across scales.
+
+def _centred_dft(kernel: np.ndarray, length: tf.Tensor, bins: tf.Tensor) -> tf.Tensor:
+    """DFT of a symmetric kernel centred on index 0 of a circle of ``length``: (bins,) float64.
+
+    Real because the kernel is even. Built in the graph, so ``length`` may be unknown until run
+    time.
     """
-    along_x, along_y = [], []
-    for sigma in LOG_SIGMAS:
-        g, g2 = _gaussian_kernels(float(sigma), MAX_RADIUS)
-        along_x += [g2, g]
-        along_y += [-(sigma**2) * g, -(sigma**2) * g2]
-    size = 2 * MAX_RADIUS + 1
-    x_bank = np.stack(along_x, axis=-1).reshape(1, size, 1, len(along_x))
-    y_bank = np.stack(along_y, axis=-1).reshape(1, size, len(along_y), 1)
-    return x_bank.astype(np.float32), y_bank.astype(np.float32)
+    radius = len(kernel) // 2
+    taps = np.arange(-radius, radius + 1, dtype=np.float64)
+    frequency = tf.cast(tf.range(bins), tf.float64)
+    phase = (2.0 * np.pi / tf.cast(length, tf.float64)) * frequency[:, None] * taps[None, :]
+    return tf.linalg.matvec(tf.cos(phase), kernel)
 
 
-_X_BANK, _Y_BANK = _log_filter_bank()
+def log_scale_space(planes: tf.Tensor) -> list[tf.Tensor]:
+    """``-sigma^2 * LoG`` of every plane, one (P, H, W) tensor per sigma in ``LOG_SIGMAS``.
 
-
-def log_scale_space(cells: tf.Tensor) -> tf.Tensor:
-    """``-sigma^2 * LoG`` of every channel at every sigma: (N, H, W, C) -> (N, H, W, S, C).
-
-    Both 1-D passes run along the innermost spatial axis (the image is transposed in between):
-    on CPUs a convolution along W is several times faster than one along H.
+    One FFT of the mirror-padded planes, then per sigma a product with the separable transfer
+    function ``-sigma^2 (G_y G''_x + G''_y G_x)`` and an inverse FFT. The padding (``MAX_RADIUS``,
+    SciPy's ``reflect``) covers the widest kernel, so the circular convolution equals the
+    mirrored one on the crop. One tensor per sigma rather than one stacked tensor: measured about
+    twice as fast on CPU (16 maps of 256x256), the 4x larger buffers being slow to allocate.
     """
-    shape = tf.shape(cells)
-    n, h, w, c = shape[0], shape[1], shape[2], shape[3]
-    planes = tf.reshape(tf.transpose(cells, [0, 3, 1, 2]), [n * c, h, w, 1])
+    shape = tf.shape(planes)
+    h, w = shape[1], shape[2]
     r = MAX_RADIUS
-    planes = tf.pad(planes, [[0, 0], [r, r], [r, r], [0, 0]], mode="SYMMETRIC")
-    filtered_x = tf.nn.conv2d(planes, _X_BANK, strides=1, padding="VALID")
-    filtered_xy = tf.nn.depthwise_conv2d(tf.transpose(filtered_x, [0, 2, 1, 3]), _Y_BANK,
-                                         strides=[1, 1, 1, 1], padding="VALID")
-    sigmas = len(LOG_SIGMAS)
-    response = tf.reduce_sum(tf.reshape(filtered_xy, [n, c, w, h, sigmas, 2]), axis=-1)
-    return tf.transpose(response, [0, 3, 2, 4, 1])
+    padded = tf.pad(planes, [[0, 0], [r, r], [r, r]], mode="SYMMETRIC")
+    length_y, length_x = h + 2 * r, w + 2 * r
+    spectrum = tf.signal.rfft2d(padded)
+    space = []
+    for sigma, (g, g2) in zip(LOG_SIGMAS, _KERNELS):
+        g_y, g2_y = _centred_dft(g, length_y, length_y), _centred_dft(g2, length_y, length_y)
+        g_x, g2_x = (_centred_dft(g, length_x, length_x // 2 + 1),
+                     _centred_dft(g2, length_x, length_x // 2 + 1))
+        transfer = -(sigma**2) * (g_y[:, None] * g2_x[None, :] + g2_y[:, None] * g_x[None, :])
+        filtered = tf.signal.irfft2d(spectrum * tf.complex(tf.cast(transfer, tf.float32), 0.0),
+                                     fft_length=[length_y, length_x])
+        space.append(filtered[:, r:r + h, r:r + w])
+    return space
 
 
-def scale_space_peaks(space: tf.Tensor) -> tf.Tensor:
-    """Points equal to the maximum of their 3x3x3 (y, x, sigma) neighbourhood (ties all kept).
+def _scale_y_max(space: list[tf.Tensor]) -> list[tf.Tensor]:
+    """Per sigma, the max over (sigma - 1..sigma + 1) x (y - 1..y + 1) at the same x.
 
-    Separable: a 3x3 spatial max-pool, then the max over neighbouring scales; the edge scales
-    see only one neighbour, like SciPy's ``maximum_filter(mode="nearest")``. (``max_pool3d``
-    gives the same result but is about 15x slower on CPU.)
+    The y max is a (3, 1) max-pool with x as the channel axis (vectorised; pooling planes with a
+    single channel is tens of times slower on CPU); the edge sigmas see one neighbour and the
+    edge rows two, like SciPy's ``maximum_filter(mode="nearest")``.
     """
-    shape = tf.shape(space)
-    spatial = tf.nn.max_pool2d(tf.reshape(space, [shape[0], shape[1], shape[2], -1]),
-                               ksize=3, strides=1, padding="SAME")
-    spatial = tf.reshape(spatial, shape)
-    edge = tf.fill(tf.concat([shape[:3], [1], shape[4:]], axis=0), float("-inf"))
-    padded = tf.concat([edge, spatial, edge], axis=3)
-    neighbourhood_max = tf.maximum(tf.maximum(padded[:, :, :, :-2], padded[:, :, :, 1:-1]),
-                                   padded[:, :, :, 2:])
-    return tf.equal(space, neighbourhood_max)
+    pooled = [tf.reshape(tf.nn.max_pool2d(tf.expand_dims(s, 2), ksize=(3, 1), strides=1,
+                                          padding="SAME"), tf.shape(s)) for s in space]
+    pairs = [tf.maximum(a, b) for a, b in zip(pooled[:-1], pooled[1:])]
+    inner = [tf.maximum(pair, above) for pair, above in zip(pairs[:-1], pooled[2:])]
+    return [pairs[0], *inner, pairs[-1]]
+
+
+def scale_space_peaks(space: list[tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+    """Points above ``min(THRESHOLDS_BLOB)`` equal to the max of their 3x3x3 (y, x, sigma) box.
+
+    space: ``log_scale_space`` output. Returns (K,) int64 flat indices into the (P, H, W) planes
+    and (K,) float32 responses; a pixel that peaks at two sigmas is listed twice, ties are all
+    kept. Dense: the (sigma, y) max, and candidates equal to it; sparse: the x neighbours of the
+    candidates (a few percent of the points), gathered, where a dense x max would need a shifted
+    copy of every plane.
+    """
+    shape = tf.shape(space[0], out_type=tf.int64)
+    w, size = shape[2], tf.reduce_prod(shape)
+    indices, responses, peaks = [], [], []
+    for response, box in zip(space, _scale_y_max(space)):
+        candidate = tf.logical_and(tf.equal(response, box), response > min(THRESHOLDS_BLOB))
+        index = tf.where(tf.reshape(candidate, [-1]))[:, 0]
+        value = tf.gather(tf.reshape(response, [-1]), index)
+        flat_box = tf.reshape(box, [-1])
+        x = index % w
+        left = tf.gather(flat_box, tf.maximum(index - 1, 0))
+        right = tf.gather(flat_box, tf.minimum(index + 1, size - 1))
+        peaks.append(tf.logical_and(tf.logical_or(x == 0, value >= left),
+                                    tf.logical_or(x == w - 1, value >= right)))
+        indices.append(index)
+        responses.append(value)
+    keep = tf.where(tf.concat(peaks, 0))[:, 0]
+    return tf.gather(tf.concat(indices, 0), keep), tf.gather(tf.concat(responses, 0), keep)
 
 
 def _check_maps(maps: tf.Tensor) -> None:
@@ -141,37 +172,37 @@ def _check_maps(maps: tf.Tensor) -> None:
                 f"got {shape}")
 
 
-def _threshold_features(cells: tf.Tensor) -> list[tf.Tensor]:
-    """Total activation, then area and activation above each area threshold: (N, C) each."""
-    columns = [tf.reduce_sum(cells, axis=[1, 2])]
+def _threshold_features(planes: tf.Tensor) -> list[tf.Tensor]:
+    """Total activation, then area and activation above each area threshold: (P,) each."""
+    columns = [tf.reduce_sum(planes, axis=[1, 2])]
     for t in THRESHOLDS_AREA:
-        above = cells > t
+        above = planes > t
         columns.append(tf.reduce_sum(tf.cast(above, tf.float32), axis=[1, 2]))
-        columns.append(tf.reduce_sum(tf.where(above, cells, 0.0), axis=[1, 2]))
+        columns.append(tf.reduce_sum(tf.where(above, planes, 0.0), axis=[1, 2]))
     return columns
 
 
-def _blob_features(cells: tf.Tensor) -> list[tf.Tensor]:
-    """Blob count and centre activation above each blob threshold: (N, C) each.
+def _blob_features(planes: tf.Tensor) -> list[tf.Tensor]:
+    """Blob count and centre activation above each blob threshold: (P,) each.
 
-    Blobs are sparse, so the scale-space peaks above the lowest threshold are gathered once
-    and every threshold is a segment sum over that short list rather than over the full
-    (N, H, W, S, C) scale space.
+    Each peak falls in one level, the number of thresholds below its response (strictly, like
+    ``response > t``); one segment sum per plane and level, then reverse cumulative sums over the
+    levels give every threshold.
     """
-    space = log_scale_space(cells)
-    candidates = tf.logical_and(scale_space_peaks(space), space > min(THRESHOLDS_BLOB))
-    where = tf.where(candidates)  # (K, 5): n, y, x, sigma, channel
-    response = tf.gather_nd(space, where)
-    centre_value = tf.gather_nd(cells, tf.gather(where, [0, 1, 2, 4], axis=1))
-    shape = tf.shape(cells, out_type=tf.int64)
-    n, c = shape[0], shape[3]
-    segment = where[:, 0] * c + where[:, 4]
+    index, response = scale_space_peaks(log_scale_space(planes))
+    shape = tf.shape(planes, out_type=tf.int64)
+    levels = len(THRESHOLDS_BLOB) + 1
+    level = tf.searchsorted(tf.constant(THRESHOLDS_BLOB, tf.float32), response, side="left",
+                            out_type=tf.int64)
+    segment = index // (shape[1] * shape[2]) * levels + level
+    centre_value = tf.gather(tf.reshape(planes, [-1]), index)
+    counts, sums = (
+        tf.cumsum(tf.reshape(tf.math.unsorted_segment_sum(per_blob, segment, shape[0] * levels),
+                             [-1, levels]), axis=1, reverse=True)
+        for per_blob in (tf.ones_like(response), centre_value))
     columns = []
-    for t in THRESHOLDS_BLOB:
-        kept = tf.cast(response > t, tf.float32)
-        for per_blob in (kept, kept * centre_value):
-            columns.append(tf.reshape(
-                tf.math.unsorted_segment_sum(per_blob, segment, n * c), [n, c]))
+    for k in range(1, levels):
+        columns += [counts[:, k], sums[:, k]]
     return columns
 
 
@@ -185,9 +216,10 @@ def extract_features(maps: tf.Tensor | np.ndarray) -> tf.Tensor:
     maps = tf.convert_to_tensor(maps)
     _check_maps(maps)
     cells = tf.cast(maps[..., :len(CELL_CLASSES)], tf.float32)
-    columns = _threshold_features(cells) + _blob_features(cells)
-    per_channel = tf.stack(columns, axis=-1)  # (N, 3, 27): channel-major like FEATURE_NAMES
-    return tf.reshape(per_channel, [-1, NUM_FEATURES])
+    shape = tf.shape(cells)
+    planes = tf.reshape(tf.transpose(cells, [0, 3, 1, 2]), [-1, shape[1], shape[2]])  # (N*C, H, W)
+    columns = _threshold_features(planes) + _blob_features(planes)
+    return tf.reshape(tf.stack(columns, axis=-1), [-1, NUM_FEATURES])  # channel-major per map
 
 
 def feature_frame(features: np.ndarray | tf.Tensor) -> pd.DataFrame:
