@@ -2,7 +2,7 @@
 
 - tf.data images/s of both pipelines (with CPU augmentation and without) against the images/s
   the training step consumes — is the input pipeline the bottleneck?
-- SavedModel inference patches/s at batch 1, 8 and 32 and the GFLOP/s it achieves, against the
+- SavedModel inference patches/s at batch 1, 8 and 32 (and at 1 and 8 with ``--xla``) and the GFLOP/s it achieves, against the
   machine's measured float32 matmul GFLOP/s (how close to the hardware the served model runs;
   the better of a matmul run first and one last, the cores being shared);
   the same at batch 1 and 8 for the paper-size FPN segmenter, and its bfloat16 export's speed-up
@@ -141,6 +141,18 @@ def bench_savedmodel(batches: tuple[int, ...], repeats: int) -> dict:
             rate = _rate(lambda: served(images=x), b, max(1, repeats // b), warmup=1)
             out[f"savedmodel_batch{b}_patches_per_s"] = rate
             out[f"savedmodel_batch{b}_gflops"] = rate * flops / 1e9
+        # the same export compiled with XLA (--xla): small batches gain most; the first call of
+        # each batch size compiles (timed apart, as a server's warm-up)
+        compiled = tf.saved_model.load(str(export_run(run, Path(tmp) / "export_xla", version=1, xla=True)))
+        compiled = compiled.signatures["serving_default"]
+        for b in batches[:2]:
+            x = tf.constant(np.random.default_rng(0).integers(0, 255, (b, 512, 512, 3), dtype=np.uint8))
+            start = time.perf_counter()
+            compiled(images=x)
+            out[f"savedmodel_xla_batch{b}_first_call_s"] = time.perf_counter() - start
+            rate = _rate(lambda: compiled(images=x), b, max(1, repeats // b), warmup=0)
+            out[f"savedmodel_xla_batch{b}_patches_per_s"] = rate
+            out[f"savedmodel_xla_batch{b}_gflops"] = rate * flops / 1e9
     return out
 
 

@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="compute precision inside the SavedModel (inputs and outputs keep their dtypes); "
                         "bfloat16 pays off on CPUs with AVX512-BF16 or AMX and on GPUs (default float32)")
+    p.add_argument("--xla", action="store_true",
+                   help="compile the model with XLA inside the SavedModel (faster small batches; TF Serving "
+                        "on CPU then needs --xla_cpu_compilation_enabled=true; not for GBT runs)")
     p.add_argument("--out", required=True, help="saved_models/NAME")
     p.add_argument("--version", type=int, help="version number (default: next free)")
 
@@ -215,7 +218,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "export":
         from cellnet.serving.export import export_run, parse_weights
         path = export_run(args.run, args.out, version=args.version, tta=args.tta,
-                          weights=parse_weights(args.weights, len(args.run)), precision=args.precision)
+                          weights=parse_weights(args.weights, len(args.run)), precision=args.precision,
+                          xla=args.xla)
         print(f"exported {path}")
     elif args.command == "predict":
         from cellnet.serving.predict import predict

@@ -412,3 +412,18 @@ def test_precision_is_recorded_and_the_served_signature_is_unchanged(exported, t
     served = signature(images=tf.constant(exported["small"]))["cellularity"]
     assert served.dtype == tf.float32
     np.testing.assert_allclose(served.numpy(), exported["expected"]["regression"]["cellularity"], atol=0.01)
+
+
+def test_xla_export_serves_the_same_outputs_and_refuses_the_gbt(exported, tmp_path):
+    root = exported["root"] / "runs"
+    path = export_run(root / "regression", tmp_path / "xla", xla=True)
+    assert json.loads((path / "assets" / "cellnet.json").read_text())["xla"] is True
+    served = _serve(path, exported["small"])
+    np.testing.assert_allclose(served["cellularity"], exported["expected"]["regression"]["cellularity"],
+                               atol=1e-4, rtol=0)
+    graph = tf.saved_model.load(str(path)).signatures[IMAGES_SIGNATURE].graph.as_graph_def()
+    compiled = [f for f in graph.library.function if f.attr.get("_XlaMustCompile") and f.attr["_XlaMustCompile"].b]
+    assert compiled  # the model part really is an XLA cluster in the SavedModel
+    with pytest.raises(CellnetError, match="--xla: the GBT's 81 features"):
+        export_run(root / "gbt", tmp_path / "gbt_xla", xla=True)
+    assert not (tmp_path / "gbt_xla" / "1").exists()

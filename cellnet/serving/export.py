@@ -121,22 +121,30 @@ def _common_patch(members: list[Member]) -> int | None:
     return patches.pop()
 
 
-def ensemble_fn(members: list[Member], tta: str = "none") -> tf.types.experimental.GenericFunction:
-    """uint8 RGB [N, H, W, 3] at full resolution -> the averaged outputs of ``members`` under ``tta``."""
+def ensemble_fn(members: list[Member], tta: str = "none", xla: bool = False) -> tf.types.experimental.GenericFunction:
+    """uint8 RGB [N, H, W, 3] at full resolution -> the averaged outputs of ``members`` under ``tta``.
+
+    ``xla`` compiles the models' part (not the input checks and the area downsampling, which XLA
+    has no kernel for) with XLA, once per input shape on first use.
+    """
+    if xla and any(m.kind == "gbt" for m in members):
+        raise CellnetError("--xla: the GBT's 81 features gather a data-dependent number of blobs, "
+                           "which XLA cannot compile; export GBT runs without --xla")
     averaged = Averaged(members, tta)
+    compute = tf.function(averaged.__call__, jit_compile=True) if xla else averaged
     kind = averaged.kind
     patch = _common_patch(members)
 
     @tf.function(input_signature=[IMAGES_SPEC])
     def serve(images):
-        return averaged(full_res_to_model_input(_checked(images, kind, patch)))
+        return compute(full_res_to_model_input(_checked(images, kind, patch)))
 
     return serve
 
 
-def serving_fn(model: keras.Model, kind: str, tta: str = "none") -> tf.types.experimental.GenericFunction:
+def serving_fn(model: keras.Model, kind: str, tta: str = "none", xla: bool = False) -> tf.types.experimental.GenericFunction:
     """uint8 RGB [N, H, W, 3] at full resolution -> the kind's named outputs (float32)."""
-    return ensemble_fn([Member(model, kind)], tta)
+    return ensemble_fn([Member(model, kind)], tta, xla)
 
 
 def decode_images(image_bytes: tf.Tensor) -> tf.Tensor:
@@ -214,20 +222,21 @@ def with_precision(model: keras.Model, precision: str) -> keras.Model:
 
 
 def export_model(model: keras.Model, kind: str, path: str | os.PathLike, metadata: dict,
-                 tta: str = "none") -> Path:
+                 tta: str = "none", xla: bool = False) -> Path:
     """Write ``model`` as a SavedModel at ``path`` (must not exist), atomically."""
     if kind not in KINDS:
         raise CellnetError(f"model kind {kind!r}: expected one of {', '.join(KINDS)}")
-    return export_members([Member(model, kind)], path, metadata, tta=tta)
+    return export_members([Member(model, kind)], path, metadata, tta=tta, xla=xla)
 
 
-def export_members(members: list[Member], path: str | os.PathLike, metadata: dict, tta: str = "none") -> Path:
+def export_members(members: list[Member], path: str | os.PathLike, metadata: dict, tta: str = "none",
+                   xla: bool = False) -> Path:
     """Write one model, or an ensemble of cellularity models, as a SavedModel at ``path``."""
     path = Path(path)
     if path.exists():
         raise bad(path, "already exists; an export never overwrites a version (choose another --version)")
     symmetries(tta)  # an unknown mode is refused before anything is traced
-    serve = ensemble_fn(members, tta)
+    serve = ensemble_fn(members, tta, xla)
     module = tf.Module()
     # Track the variables, not the Keras models: saving a model object would also trace Keras's
     # own default signature for it (and for every nested model).
@@ -238,7 +247,7 @@ def export_members(members: list[Member], path: str | os.PathLike, metadata: dic
                                                all(m.kind == "classification" for m in members))
                if name in concrete.structured_outputs]
     meta = {"format": "cellnet-savedmodel/1", "kind": kind, "outputs": outputs,
-            "patch_size": _common_patch(members), "downsample": DOWNSAMPLE, "tta": tta,
+            "patch_size": _common_patch(members), "downsample": DOWNSAMPLE, "tta": tta, "xla": xla,
             "tta_variants": len(symmetries(tta)),
             "signatures": {IMAGES_SIGNATURE: "images", BYTES_SIGNATURE: "image_bytes"},
             "exported": time.strftime("%Y-%m-%d %H:%M:%S"), "tensorflow": tf.__version__,
@@ -292,13 +301,15 @@ def _run_kind(run: Path) -> tuple[str, dict]:
 
 
 def export_run(run: str | os.PathLike | list, out: str | os.PathLike, version: int | None = None,
-               tta: str = "none", weights: list[float] | None = None, precision: str = "float32") -> Path:
+               tta: str = "none", weights: list[float] | None = None, precision: str = "float32",
+               xla: bool = False) -> Path:
     """Export a run's ``best.keras`` (or several runs' as one ensemble) to ``out/<version>/``.
 
     ``out`` is ``saved_models/<name>``; ``version`` defaults to the next free number (from 1) and
     an existing version is refused, never overwritten. Several runs must all output cellularity
     (SR cascade, GBT, direct regression or classification); ``weights`` default to equal.
-    ``precision`` bfloat16 or float16 computes in reduced precision (``with_precision``).
+    ``precision`` bfloat16 or float16 computes in reduced precision (``with_precision``); ``xla``
+    compiles the models with XLA (TF Serving then needs ``--xla_cpu_compilation_enabled=true`` on CPUs).
     """
     runs = [Path(r) for r in (run if isinstance(run, (list, tuple)) else [run])]
     out = Path(out)
@@ -320,8 +331,8 @@ def export_run(run: str | os.PathLike | list, out: str | os.PathLike, version: i
     if len(runs) == 1:
         return export_model(members[0].model, members[0].kind, target,
                             {"version": version, "run": str(runs[0].resolve()), "run_info": kinds[0][1],
-                             "precision": precision}, tta=tta)
+                             "precision": precision}, tta=tta, xla=xla)
     listed = [{"output": member_output(i), "run": str(r.resolve()), "kind": kind, "weight": w / sum(weights),
                "run_info": info} for i, (r, (kind, info), w) in enumerate(zip(runs, kinds, weights))]
     return export_members(members, target, {"version": version, "members": listed, "precision": precision},
-                          tta=tta)
+                          tta=tta, xla=xla)
