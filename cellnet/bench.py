@@ -8,13 +8,17 @@
   the same at batch 1 and 8 for the paper-size FPN segmenter, and its bfloat16 export's speed-up
   where the CPU computes bf16 natively (else "not supported here");
 - the serving cost of test-time augmentation (x2, x8) and of a 3-member ensemble, patches/s;
-- 81-feature extraction maps/s and GFLOP/s; GBT fit time (paper settings, 600 rounds).
+- 81-feature extraction maps/s and GFLOP/s; GBT fit time (paper settings, 600 rounds);
+- with ``--gpu`` (:func:`bench_gpu`), the paper FPN on the CUDA GPU: training step images/s in
+  float32, mixed_float16 and with XLA, on-device augmentation's cost, SavedModel patches/s, and
+  TFLOP/s and MFU against the GPU's peak (``gpu_*`` keys).
 Models are the cpu-preset sizes (the FPN: the paper preset's) with random weights: speed does
 not depend on training. ``machine`` records the CPU model and SIMD flags (``cellnet.machine``),
 which decide the kernels TF runs.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -39,11 +43,24 @@ def _rate(fn, items: int, repeats: int, warmup: int = 1) -> float:
     return items * repeats / (time.perf_counter() - start)
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-    a = tf.random.uniform([n, n])
-    b = tf.random.uniform([n, n])
-    mm = tf.function(lambda: tf.linalg.matmul(a, b))
-    rate = _rate(lambda: mm().numpy(), 1, repeats, warmup=2)
+def matmul_gflops(n: int = 2048, repeats: int = 10, dtype: tf.DType = tf.float32,
+                  device: str | None = None) -> float:
+    """GFLOP/s of an n x n matmul in ``dtype``, on ``device`` (None: TF's default placement).
+
+    On a named device each call waits for one element of the product, not a copy of all of it
+    (a GPU's n x n result would otherwise time the transfer to the host).
+    """
+    if device is None:
+        a = tf.cast(tf.random.uniform([n, n]), dtype)
+        b = tf.cast(tf.random.uniform([n, n]), dtype)
+        mm = tf.function(lambda: tf.linalg.matmul(a, b))
+        rate = _rate(lambda: mm().numpy(), 1, repeats, warmup=2)
+        return 2 * n ** 3 * rate / 1e9
+    with tf.device(device):
+        a = tf.cast(tf.random.uniform([n, n]), dtype)
+        b = tf.cast(tf.random.uniform([n, n]), dtype)
+        mm = tf.function(lambda: tf.linalg.matmul(a, b))
+        rate = _rate(lambda: mm()[0, 0].numpy(), 1, repeats, warmup=2)
     return 2 * n ** 3 * rate / 1e9
 
 
@@ -278,6 +295,206 @@ def bench_gbt() -> dict:
     return {"gbt_fit_seconds_400x81_600_rounds": time.perf_counter() - start}
 
 
+# ----------------------------------------------------------------------------- GPU (--gpu)
+
+#: Dense (no sparsity) peaks in TFLOP/s from the vendors' data sheets: (float16/bfloat16 tensor
+#: cores, TF32 tensor cores or None where the chip has none, plain float32). Matched against
+#: ``get_device_details(gpu)["device_name"]`` as whole words, the longest name first ("H100 PCIe"
+#: before "H100", and "L4" does not match "L40S").
+GPU_PEAK_TFLOPS: dict[str, tuple[float, float | None, float]] = {
+    "H200": (989.4, 494.7, 66.9),  # the H100 SXM's compute with more memory
+    "H100 PCIe": (756.0, 378.0, 51.2),
+    "H100": (989.4, 494.7, 66.9),  # SXM
+    "A100": (312.0, 156.0, 19.5),
+    "L40S": (362.1, 183.0, 91.6),
+    "L40": (181.0, 90.5, 90.5),
+    "L4": (121.0, 60.0, 30.3),
+    "A10G": (70.0, 35.0, 31.2),
+    "A10": (125.0, 62.5, 31.2),
+    "V100": (125.0, None, 15.7),
+    "T4": (65.0, None, 8.1),
+}
+
+
+def gpu_peak_from_table(device_name: str) -> tuple[str, tuple[float, float | None, float]] | None:
+    """``(table key, peaks)`` of the first known GPU named in ``device_name``, else None."""
+    import re
+
+    for key in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", device_name):
+            return key, GPU_PEAK_TFLOPS[key]
+    return None
+
+
+def _gpu_index(device: str) -> int | None:
+    """0 for ``/GPU:0`` or ``/device:GPU:0``, None for a device that is not a GPU."""
+    parts = device.upper().replace("/", "").split(":")
+    if "GPU" not in parts:
+        return None
+    rest = parts[parts.index("GPU") + 1:]
+    return int(rest[0]) if rest and rest[0].isdigit() else 0
+
+
+def _device_details(device: str) -> dict:
+    """Name (and compute capability) of a TF device string such as ``/GPU:0`` or ``/CPU:0``."""
+    i = _gpu_index(device)
+    if i is not None:
+        gpus = tf.config.list_physical_devices("GPU")
+        if i >= len(gpus):
+            from cellnet.errors import CellnetError
+            raise CellnetError(f"{device}: no such GPU ({len(gpus)} visible)")
+        details = tf.config.experimental.get_device_details(gpus[i])
+        return {"name": details.get("device_name", gpus[i].name),
+                "compute_capability": ".".join(map(str, details.get("compute_capability") or ())) or None}
+    from cellnet.machine import cpu
+    return {"name": cpu().get("model") or platform.processor() or platform.machine(), "compute_capability": None}
+
+
+def _peaks(device: str, name: str, matmul_n: int, repeats: int) -> dict:
+    """The float32-path and float16-path peaks (TFLOP/s) MFU is measured against, and their source."""
+    known = gpu_peak_from_table(name) if _gpu_index(device) is not None else None
+    if known is not None:
+        key, (fp16, tf32, fp32) = known
+        tf32_on = tf32 is not None and tf.config.experimental.tensor_float_32_execution_enabled()
+        return {"gpu_peak_source": f"table: {key} dense peaks (fp16/bf16 {fp16:g}, TF32 {tf32 or '-'}, "
+                                   f"fp32 {fp32:g} TFLOP/s); float32 configs against "
+                                   f"{'TF32 (TF enables it by default)' if tf32_on else 'fp32'}",
+                "gpu_peak_float32_tflops": float(tf32 if tf32_on else fp32),
+                "gpu_peak_float16_tflops": float(fp16)}
+    return {"gpu_peak_source": f"measured: {matmul_n}x{matmul_n} matmul on {device} (float32, float16)",
+            "gpu_peak_float32_tflops": matmul_gflops(matmul_n, repeats, tf.float32, device) / 1e3,
+            "gpu_peak_float16_tflops": matmul_gflops(matmul_n, repeats, tf.float16, device) / 1e3}
+
+
+@contextlib.contextmanager
+def global_dtype_policy(name: str):
+    """Keras's global dtype policy set to ``name`` inside the block, the previous one after (also on error)."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text.strip().splitlines()[0][:200]}"
+
+
+def bench_gpu(device: str = "/GPU:0", size: int | None = None, batch: int | None = None,
+              width: float | None = None, steps: int = 10, matmul_n: int | None = None) -> dict:
+    """The paper FPN's training step and SavedModel on ``device``: images/s, TFLOP/s and MFU.
+
+    The model, crop (``size``) and batch are the segmentation paper preset's unless given
+    (smaller only in tests, which run this on ``/CPU:0``). Images and masks are random tensors
+    made on the device, so no input pipeline is timed. The step is ``AugmentedTrainer``'s, as
+    ``cellnet train segmentation`` compiles it (SegmentationLoss, Adam), timed after warm-up for:
+    float32 with on-device augmentation (``fp32``), the same without augmentation
+    (``fp32_no_augment``: the augmentation's cost is the difference), ``mixed_float16`` (the
+    Keras global policy while its model and trainer are made and compiled, restored after, also
+    on error) and float32 compiled with XLA
+    (``xla``). A config that fails (XLA or float16 kernels missing) leaves ``..._error``.
+
+    MFU is achieved / peak: the peak from ``GPU_PEAK_TFLOPS`` when the GPU is known, else a
+    measured ``matmul_n``-square matmul on the device (8192 on a GPU, 512 elsewhere) in float32
+    and float16; float32 configs are held against the float32 peak (TF32 where TF uses it),
+    mixed_float16 against the float16 one.
+    """
+    from cellnet.models import CellSegmenter, ResNet34Backbone
+    from cellnet.preprocess import full_res_to_model_input
+    from cellnet.serving.export import export_model
+    from cellnet.training.losses import SegmentationLoss
+    from cellnet.training.presets import preset
+    from cellnet.training.trainer import AugmentedTrainer
+
+    settings = preset("segmentation", "paper")
+    width = settings["width"] if width is None else width
+    crop = settings["crop"] if size is None else size
+    batch = settings["batch_size"] if batch is None else batch
+    on_gpu = _gpu_index(device) is not None
+    matmul_n = (8192 if on_gpu else 512) if matmul_n is None else matmul_n
+    details = _device_details(device)
+    out: dict = {"gpu_device": device, "gpu_device_name": details["name"],
+                 "gpu_compute_capability": details["compute_capability"],
+                 "gpu_model": f"FPN segmenter, ResNet34 width {width:.2f} (paper preset), {crop}x{crop} crops, "
+                              f"batch {batch}, random uint8 images and masks on the device",
+                 "gpu_tf32_enabled": bool(tf.config.experimental.tensor_float_32_execution_enabled())}
+    out.update(_peaks(device, details["name"], matmul_n, max(3, steps)))
+
+    def segmenter():
+        return CellSegmenter(ResNet34Backbone(unit=settings["unit"], width=width), decoder="fpn")
+
+    with tf.device(device):
+        rng = tf.random.Generator.from_seed(0)
+        x = tf.cast(rng.uniform([batch, crop, crop, 3], 0, 256), tf.uint8)  # float, truncated: 0..255
+        y = tf.cast(rng.uniform([batch, crop, crop, 4]) < 0.3, tf.float32)
+
+        def time_step(model, augment: bool, jit: bool) -> tuple[float, float]:
+            """(images/s, seconds of the first step, which traces and compiles)."""
+            trainer = AugmentedTrainer(model, augment=augment, with_mask=True)
+            trainer.compile(optimizer=keras.optimizers.Adam(1e-4), loss=SegmentationLoss(), jit_compile=jit)
+            # Adam's slots made now, not in the first step: a step that makes variables is traced twice
+            trainer.optimizer.build(trainer.trainable_variables)
+            start = time.perf_counter()
+            trainer.train_on_batch(x, y)  # train_on_batch returns numbers: each step waits for the device
+            first = time.perf_counter() - start
+            return _rate(lambda: trainer.train_on_batch(x, y), batch, steps, warmup=1), first
+
+        model = segmenter()
+        model(tf.zeros([1, crop, crop, 3]))
+        # Training FLOPs per image = 3 x the forward's: the backward pass costs about twice the
+        # forward (gradients with respect to the activations and to the weights), the usual
+        # convention of MFU figures. The forward is counted by the TF profiler at the crop size.
+        forward = graph_flops(lambda t: model(t), tf.TensorSpec([1, crop, crop, 3], tf.float32))
+        train_flops = 3 * forward
+        out["gpu_forward_gflop_per_image"] = forward / 1e9
+        out["gpu_train_gflop_per_image"] = train_flops / 1e9
+
+        rates: dict[str, float] = {}
+        rates["fp32"], out["gpu_train_step_fp32_first_step_s"] = time_step(model, True, False)
+        rates["fp32_no_augment"], _ = time_step(model, False, False)
+        try:
+            # as under `cellnet train --precision mixed_float16`: the policy holds while the model and
+            # the trainer are made and compiled (Keras then scales the loss), and is restored after
+            with global_dtype_policy("mixed_float16"):
+                rates["mixed_float16"], out["gpu_train_step_mixed_float16_first_step_s"] = \
+                    time_step(segmenter(), True, False)
+        except Exception as exc:  # e.g. no float16 kernels for some op on this device
+            out["gpu_train_step_mixed_float16_error"] = _first_line(exc)
+        try:
+            rates["xla"], out["gpu_train_step_xla_first_step_s"] = time_step(segmenter(), True, True)
+        except Exception as exc:  # an op XLA cannot compile on this device
+            out["gpu_train_step_xla_error"] = _first_line(exc)
+
+        for name, rate in rates.items():
+            peak = out["gpu_peak_float16_tflops" if name == "mixed_float16" else "gpu_peak_float32_tflops"]
+            tflops = rate * train_flops / 1e12
+            out[f"gpu_train_step_{name}_images_per_s"] = rate
+            out[f"gpu_train_tflops_{name}"] = tflops
+            out[f"gpu_mfu_{name}"] = tflops / peak
+        # on-device augmentation's cost: the float32 step with it against without it
+        out["gpu_augment_cost_ms_per_batch"] = 1e3 * batch * (1 / rates["fp32"] - 1 / rates["fp32_no_augment"])
+        out["gpu_augment_cost_fraction_of_step"] = 1 - rates["fp32"] / rates["fp32_no_augment"]
+
+        # the float32 model served from a SavedModel: full-resolution uint8 patches (2x the crop)
+        full = 2 * crop
+        flops = graph_flops(lambda t: model(full_res_to_model_input(t)), tf.TensorSpec([1, full, full, 3], tf.uint8))
+        out["gpu_savedmodel"] = f"the float32 FPN above exported, {full}x{full} uint8 input"
+        out["gpu_savedmodel_gflop_per_patch"] = flops / 1e9
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_model(model, "segmentation", Path(tmp) / "fpn", {"run": "cellnet bench --gpu"})
+            served = tf.saved_model.load(str(path)).signatures["serving_default"]
+            for b in (8, 32):
+                images = tf.cast(rng.uniform([b, full, full, 3], 0, 256), tf.uint8)
+                # reading one value back waits for the batch without timing a copy of every mask
+                rate = _rate(lambda: served(images=images)["masks"][0, 0, 0, 0].numpy(), b, max(2, steps), warmup=2)
+                out[f"gpu_savedmodel_batch{b}_patches_per_s"] = rate
+                out[f"gpu_savedmodel_batch{b}_tflops"] = rate * flops / 1e12
+                out[f"gpu_savedmodel_batch{b}_mfu"] = rate * flops / 1e12 / out["gpu_peak_float32_tflops"]
+    return out
+
+
 def machine_info() -> dict:
     from cellnet.machine import cpu
 
@@ -292,7 +509,18 @@ def fractions_of_matmul(results: dict) -> dict:
             for k, v in results.items() if k.startswith("savedmodel") and k.endswith("_gflops")}
 
 
-def bench(out: str | os.PathLike, quick: bool = False) -> dict:
+def require_gpu() -> None:
+    """Refuse ``--gpu`` (one line) where TensorFlow sees no CUDA GPU."""
+    if not tf.config.list_physical_devices("GPU"):
+        from cellnet.errors import CellnetError
+        raise CellnetError("--gpu: no CUDA GPU is visible to TensorFlow; `cellnet bench` without --gpu "
+                           "measures the CPU")
+
+
+def bench(out: str | os.PathLike, quick: bool = False, gpu: bool = False) -> dict:
+    """Every CPU figure (module docstring); with ``gpu``, also :func:`bench_gpu` on ``/GPU:0``."""
+    if gpu:
+        require_gpu()  # before minutes of CPU figures
     repeats = 3 if quick else 10
     results: dict = {"machine": machine_info()}
     print("measuring matmul ...", flush=True)
@@ -318,6 +546,9 @@ def bench(out: str | os.PathLike, quick: bool = False) -> dict:
     matmul.append(matmul_gflops(repeats=repeats))
     results["matmul_gflops"], results["matmul_gflops_runs"] = max(matmul), matmul
     results.update(fractions_of_matmul(results))
+    if gpu:
+        print("measuring the GPU: training step, augmentation, SavedModel, MFU ...", flush=True)
+        results.update(bench_gpu("/GPU:0", steps=3 if quick else 10))
     write_text(out, json.dumps(results, indent=2))
     print(format_table(results))
     return results

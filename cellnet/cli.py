@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput: tf.data, training step, SavedModel, features")
     p.add_argument("--out", required=True, help="FILE.json")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
+    p.add_argument("--gpu", action="store_true",
+                   help="also the paper FPN on the CUDA GPU: training step images/s in float32, mixed_float16 "
+                        "and XLA, on-device augmentation's cost, SavedModel patches/s, MFU")
 
     p = sub.add_parser("demo", help="the whole pipeline on synthetic data with the cpu preset")
     p.add_argument("--out", required=True)
@@ -232,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}: {_summary_line(summary)}")
     elif args.command == "bench":
         from cellnet.bench import bench
-        bench(args.out, quick=args.quick)
+        bench(args.out, quick=args.quick, gpu=args.gpu)
     elif args.command == "demo":
         from cellnet.demo import demo
         demo(args.out, seed=args.seed)

@@ -2,7 +2,10 @@
 pass / fail criterion: the shared machine's speed varies)."""
 from __future__ import annotations
 
+import json
+
 import pytest
+import tensorflow as tf
 
 from cellnet.bench import (bench_features, bench_savedmodel_fpn, format_table, fractions_of_matmul,
                            machine_info)
@@ -79,3 +82,110 @@ def test_bf16_speedup_is_omitted_where_the_cpu_emulates_bf16(monkeypatch):
     out = bench.bench_savedmodel_fpn((1,), repeats=1, width=0.125, size=64)
     assert out["savedmodel_fpn_paper_batch1_bf16_speedup"] == pytest.approx(
         out["savedmodel_fpn_paper_batch1_bf16_patches_per_s"] / out["savedmodel_fpn_paper_batch1_patches_per_s"])
+
+
+# ----------------------------------------------------------------------------- cellnet bench --gpu
+
+@pytest.fixture(scope="module")
+def gpu_figures():
+    """``bench_gpu`` run once on the CPU at tiny sizes, every code path of a GPU run.
+
+    The backbone has one unit a stage here (not [3, 4, 6, 3]): each of the four configurations
+    traces a training step, and tracing time grows with the layers, not with the tiny sizes.
+    """
+    from cellnet import bench
+    from cellnet.models import backbone
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backbone, "STAGE_BLOCKS", (1, 1, 1, 1))
+        yield bench.bench_gpu("/CPU:0", size=32, batch=2, width=0.125, steps=1)
+
+
+def test_gpu_bench_measures_every_training_configuration(gpu_figures):
+    import keras
+
+    out = gpu_figures
+    assert keras.config.dtype_policy().name == "float32"  # mixed_float16 was restored
+    assert out["gpu_device"] == "/CPU:0" and out["gpu_device_name"]
+    assert "width 0.12" in out["gpu_model"] and "32x32 crops, batch 2" in out["gpu_model"]
+    # training FLOPs are 3x the forward's
+    assert out["gpu_forward_gflop_per_image"] > 0
+    assert out["gpu_train_gflop_per_image"] == pytest.approx(3 * out["gpu_forward_gflop_per_image"])
+    configs = ("fp32", "fp32_no_augment", "mixed_float16", "xla")
+    for name in configs:
+        if f"gpu_train_step_{name}_error" in out:  # allowed only for the optional configurations
+            assert name in ("mixed_float16", "xla") and out[f"gpu_train_step_{name}_error"]
+            continue
+        rate = out[f"gpu_train_step_{name}_images_per_s"]
+        assert rate > 0
+        assert out[f"gpu_train_tflops_{name}"] == pytest.approx(rate * out["gpu_train_gflop_per_image"] / 1e3)
+        peak = out["gpu_peak_float16_tflops" if name == "mixed_float16" else "gpu_peak_float32_tflops"]
+        assert out[f"gpu_mfu_{name}"] == pytest.approx(out[f"gpu_train_tflops_{name}"] / peak)
+    assert "gpu_train_step_mixed_float16_images_per_s" in out or "gpu_train_step_mixed_float16_error" in out
+    assert "gpu_train_step_xla_images_per_s" in out or "gpu_train_step_xla_error" in out
+    # augmentation's cost: the float32 step with it against without it (may be < 0 in noise)
+    on, off = out["gpu_train_step_fp32_images_per_s"], out["gpu_train_step_fp32_no_augment_images_per_s"]
+    assert out["gpu_augment_cost_ms_per_batch"] == pytest.approx(1e3 * 2 * (1 / on - 1 / off))
+    assert out["gpu_augment_cost_fraction_of_step"] == pytest.approx(1 - on / off)
+
+
+def test_gpu_bench_peak_and_savedmodel(gpu_figures):
+    out = gpu_figures
+    # no GPU here: the peak is a matmul measured on the device
+    assert out["gpu_peak_source"].startswith("measured: 512x512 matmul on /CPU:0")
+    assert out["gpu_peak_float32_tflops"] > 0 and out["gpu_peak_float16_tflops"] > 0
+    assert "64x64 uint8" in out["gpu_savedmodel"] and out["gpu_savedmodel_gflop_per_patch"] > 0
+    for b in (8, 32):
+        rate = out[f"gpu_savedmodel_batch{b}_patches_per_s"]
+        assert rate > 0
+        assert out[f"gpu_savedmodel_batch{b}_tflops"] == pytest.approx(rate * out["gpu_savedmodel_gflop_per_patch"] / 1e3)
+        assert out[f"gpu_savedmodel_batch{b}_mfu"] == pytest.approx(
+            out[f"gpu_savedmodel_batch{b}_tflops"] / out["gpu_peak_float32_tflops"])
+    assert all(k.startswith("gpu_") for k in out)
+    assert json.loads(json.dumps(out)) == out  # `cellnet bench --gpu` writes them as JSON
+    assert {"gpu_model", "gpu_mfu_fp32"} <= {line.split()[0] for line in
+                                             format_table({"machine": machine_info(), **out}).splitlines()[2:]}
+
+
+def test_known_gpus_are_matched_by_whole_name():
+    from cellnet.bench import GPU_PEAK_TFLOPS, gpu_peak_from_table
+
+    cases = {"NVIDIA H200": "H200", "NVIDIA H100 80GB HBM3": "H100", "NVIDIA H100 PCIe": "H100 PCIe",
+             "NVIDIA A100-SXM4-80GB": "A100", "NVIDIA A10G": "A10G", "NVIDIA L4": "L4", "NVIDIA L40S": "L40S",
+             "Tesla T4": "T4", "Tesla V100-SXM2-16GB": "V100"}
+    for name, key in cases.items():
+        assert gpu_peak_from_table(name) == (key, GPU_PEAK_TFLOPS[key]), name
+    assert gpu_peak_from_table("NVIDIA GeForce RTX 3090") is None
+    assert GPU_PEAK_TFLOPS["H200"] == GPU_PEAK_TFLOPS["H100"]
+
+
+def test_dtype_policy_is_restored_even_on_error():
+    import keras
+
+    from cellnet.bench import global_dtype_policy
+
+    with pytest.raises(RuntimeError):
+        with global_dtype_policy("mixed_float16"):
+            assert keras.config.dtype_policy().name == "mixed_float16"
+            raise RuntimeError("boom")
+    assert keras.config.dtype_policy().name == "float32"
+
+
+def test_matmul_gflops_on_a_device_and_in_float16():
+    from cellnet.bench import matmul_gflops
+
+    assert matmul_gflops(64, repeats=1) > 0  # the CPU bench's call, unchanged
+    assert matmul_gflops(64, repeats=1, dtype=tf.float16, device="/CPU:0") > 0
+
+
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="a GPU is visible")
+def test_bench_gpu_without_a_gpu_is_one_line_error(tmp_path, capsys):
+    from cellnet.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--gpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("cellnet bench: error: --gpu: no CUDA GPU is visible")
+    assert "`cellnet bench` without --gpu measures the CPU" in err[0]
+    assert not out.exists()
