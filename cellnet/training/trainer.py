@@ -105,7 +105,8 @@ def fit(trainer: AugmentedTrainer, train_ds, val_ds, run: Path, *, epochs: int, 
     if not trainer.optimizer.built:
         # Keras would create the optimizer's slots inside the first train step, which then traces
         # twice (once creating variables, once without): building them first halves the start-up.
-        trainer.optimizer.build(trainer.trainable_variables)
+        with trainer.distribute_strategy.scope():  # slots beside their variables (tf.distribute)
+            trainer.optimizer.build(trainer.trainable_variables)
     # an explicit count of validation batches: Keras warns "ran out of data" on a finite set otherwise
     val_steps = None if val_ds is None else int(val_ds.reduce(0, lambda n, _: n + 1))
     try:
