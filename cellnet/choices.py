@@ -26,3 +26,5 @@ TORCH_SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".safetensors")
 def is_torch_weights(path: str | os.PathLike | None) -> bool:
     """A torchvision/timm state dict: it needs ``unit="torchvision"`` and ImageNet input scaling."""
     return path is not None and os.fspath(path).endswith(TORCH_SUFFIXES)
+#: Apache Beam runners ``cellnet cohort`` offers (each takes its own options after cellnet's).
+BEAM_RUNNERS = ("DirectRunner", "FlinkRunner", "SparkRunner", "DataflowRunner")

@@ -9,7 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from cellnet.choices import ARCHS, DECODERS, HEADS, PRECISIONS, REGRESSION_ACTIVATIONS, STAIN_NORMS, TTA_MODES, UNITS
+from cellnet.choices import (
+    ARCHS, BEAM_RUNNERS, DECODERS, HEADS, PRECISIONS, REGRESSION_ACTIVATIONS, STAIN_NORMS, TTA_MODES, UNITS)
 from cellnet.quiet import import_tensorflow
 from cellnet.training.presets import PRESETS
 
@@ -165,6 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("cohort", help="cellnet slide over a manifest of slides as an Apache Beam pipeline",
+                       epilog="Options after cellnet's go to Beam, e.g. --direct_num_workers=2 "
+                              "--direct_running_mode=multi_processing, or --flink_master=HOST:8081 for Flink. "
+                              "Needs the extra: pip install \"cellnet[cohort]\".")
+    p.add_argument("--model", required=True, help="an exported SavedModel (saved_models/NAME[/VERSION])")
+    p.add_argument("--slides", required=True, metavar="MANIFEST.csv",
+                   help="CSV with a 'slide' column of paths (relative ones from the manifest's folder)")
+    p.add_argument("--out", required=True, help="folder for each slide's outputs and cohort.csv")
+    p.add_argument("--runner", default="DirectRunner", choices=BEAM_RUNNERS)
+    p.add_argument("--batch-size", type=int, default=16, help="most tiles per RunInference batch")
+    p.add_argument("--quiet", action="store_true")
+
     p = sub.add_parser("bench", help="throughput: tf.data, training step, SavedModel, features")
     p.add_argument("--out", required=True, help="FILE.json")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -233,6 +246,11 @@ def run(args: argparse.Namespace) -> int:
         from cellnet.serving.slide import slide_map
         summary = slide_map(args.model, args.slide, args.out, batch_size=args.batch_size, progress=not quiet)
         print(f"wrote {args.out}: {_summary_line(summary)}")
+    elif args.command == "cohort":
+        from cellnet.serving.cohort import cohort
+        summary = cohort(args.model, args.slides, args.out, runner=args.runner, beam_args=args.beam_args,
+                         batch_size=args.batch_size)
+        print(f"wrote {args.out}: {_summary_line(summary)}")
     elif args.command == "bench":
         from cellnet.bench import bench
         bench(args.out, quick=args.quick, gpu=args.gpu)
@@ -250,7 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     from cellnet import errors
     from cellnet.errors import CellnetError, emit
 
-    args = build_parser().parse_args(argv)  # --help and usage errors exit here, before TensorFlow
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # --help and usage errors exit here, before TensorFlow
+    if args.command == "cohort":  # cohort passes the options it does not know on to Beam
+        args.beam_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     prog = f"cellnet {args.command}" + (f" {args.task}" if getattr(args, "task", None) else "")
     errors.PROG = prog
     try:

@@ -298,20 +298,44 @@ def malignant_nuclei(masks: np.ndarray, tile: Tile, dimensions: tuple[int, int])
 
 # ----------------------------------------------------------------------------- outputs
 
-def score_name(model: ServedModel) -> str:
-    """``cellularity``, or ``malignant_fraction`` (share of pixels above 0.5) for segmenters."""
-    return "cellularity" if model.has_cellularity else "malignant_fraction"
+def score_name(outputs) -> str:
+    """``cellularity``, or ``malignant_fraction`` (share of pixels above 0.5) for segmenters.
+
+    ``outputs``: the model's output names (a ``ServedModel``'s, or one tile's outputs).
+    """
+    names = outputs.outputs if isinstance(outputs, ServedModel) else outputs
+    return "cellularity" if "cellularity" in names else "malignant_fraction"
 
 
-def tile_scores(model: ServedModel, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    if model.has_cellularity:
+def tile_scores(outputs: dict[str, np.ndarray]) -> dict[str, float]:
+    """The tile-CSV scores of one tile's outputs (unbatched)."""
+    if "cellularity" in outputs:
         scores = {"cellularity": outputs["cellularity"]}
         if "interval" in outputs:
-            scores.update(low=outputs["interval"][:, 0], high=outputs["interval"][:, 1])
-        if "cellularity_std" in outputs:
-            scores["cellularity_std"] = outputs["cellularity_std"]
-        return scores
-    return {"malignant_fraction": (outputs["masks"][..., MALIGNANT] > MASK_THRESHOLD).mean(axis=(1, 2))}
+            scores.update(low=outputs["interval"][0], high=outputs["interval"][1])
+        if UNCERTAINTY in outputs:
+            scores[UNCERTAINTY] = outputs[UNCERTAINTY]
+        return {k: float(v) for k, v in scores.items()}
+    return {"malignant_fraction": float((outputs["masks"][..., MALIGNANT] > MASK_THRESHOLD).mean())}
+
+
+def tile_row(tile: Tile, outputs: dict[str, np.ndarray], dimensions: tuple[int, int]
+             ) -> tuple[dict, list[tuple[float, float, float]]]:
+    """One tile's CSV row and (for models with masks) its malignant nuclei in level-0 px."""
+    row = {"row": tile.row, "col": tile.col, "x": tile.x, "y": tile.y, "width": tile.size,
+           "height": tile.size, "tissue": round(tile.tissue, 4),
+           **{k: round(v, 6) for k, v in tile_scores(outputs).items()}}
+    found = []
+    if "masks" in outputs:
+        found = malignant_nuclei(outputs["masks"], tile, dimensions)
+        row["malignant_nuclei"] = len(found)
+    return row, found
+
+
+def unbatch(outputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """A batch's outputs as one dict per example."""
+    count = len(next(iter(outputs.values())))
+    return [{k: v[i] for k, v in outputs.items()} for i in range(count)]
 
 
 #: Tile-CSV columns that place a tile; every other column is a measurement of it in the GeoJSON.
@@ -373,17 +397,34 @@ def write_together(writers: dict[Path, Callable[[Path], None]]) -> None:
 
 # ----------------------------------------------------------------------------- the command
 
-def slide_map(model_dir: str | os.PathLike, slide_path: str | os.PathLike, out_dir: str | os.PathLike,
-              batch_size: int = 16, progress: bool = True) -> dict:
-    """Tile a slide over its tissue, predict every tile and write CSV, heatmap PNG and GeoJSON."""
-    if batch_size < 1:
-        raise CellnetError(f"--batch-size: expected a positive integer, got {batch_size}")
-    slide_path, out_dir = Path(slide_path), Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise bad(out_dir, "is a file; expected a folder for the slide's outputs")
-    slide = open_slide(slide_path)
-    model = load_served(model_dir)
-    patch = model.patch_size or PATCH_SIZE
+@dataclass
+class SlidePlan:
+    """What tiling a slide decides before any prediction: its grid, level and thumbnail."""
+
+    path: Path
+    slide: Slide
+    mpp: float | None
+    level: int
+    patch: int
+    thumbnail: np.ndarray
+    tiles: list[Tile]
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.slide.dimensions
+
+    def read(self, tile: Tile) -> np.ndarray:
+        return read_tile(self.slide, self.path, tile, self.level, self.patch)
+
+
+def plan_slide(slide_path: str | os.PathLike, patch: int | None, slide: Slide | None = None) -> SlidePlan:
+    """Find the slide's tissue and lay the tile grid for a model of ``patch`` px inputs.
+
+    ``slide``: the slide already opened (``open_slide``), else it is opened here.
+    """
+    slide_path = Path(slide_path)
+    slide = slide or open_slide(slide_path)
+    patch = patch or PATCH_SIZE
     mpp = slide_mpp(slide)
     tile_size = PATCH_SIZE * TRAINING_MPP / (mpp or TRAINING_MPP)
     level = slide.get_best_level_for_downsample(tile_size / patch)
@@ -391,47 +432,66 @@ def slide_map(model_dir: str | os.PathLike, slide_path: str | os.PathLike, out_d
     tiles = tile_grid(slide.dimensions, tile_size, tissue_mask(thumbnail))
     if not tiles:
         raise bad(slide_path, f"no tissue found (no {tile_size:.0f} px tile is {MIN_TISSUE:.0%} tissue)")
+    return SlidePlan(slide_path, slide, mpp, level, patch, thumbnail, tiles)
 
-    start = time.time()
-    name = score_name(model)
-    rows: list[dict] = []
-    nuclei: list[tuple[float, float, float]] = []
-    with tqdm(total=len(tiles), desc="slide", unit="tile", disable=not progress) as bar:
-        for first in range(0, len(tiles), batch_size):
-            chunk = tiles[first:first + batch_size]
-            outputs = model.run(np.stack([read_tile(slide, slide_path, t, level, patch) for t in chunk]), slide_path)
-            scores = tile_scores(model, outputs)
-            for i, tile in enumerate(chunk):
-                row = {"row": tile.row, "col": tile.col, "x": tile.x, "y": tile.y, "width": tile.size,
-                       "height": tile.size, "tissue": round(tile.tissue, 4),
-                       **{k: round(float(v[i]), 6) for k, v in scores.items()}}
-                if model.has_masks:
-                    found = malignant_nuclei(outputs["masks"][i], tile, slide.dimensions)
-                    row["malignant_nuclei"] = len(found)
-                    nuclei += found
-                rows.append(row)
-            bar.update(len(chunk))
-    seconds = time.time() - start
 
-    stem = slide_path.stem
+def check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise bad(out_dir, "is a file; expected a folder for the slide's outputs")
+
+
+def write_slide_outputs(plan: SlidePlan, rows: list[dict], nuclei: list[tuple[float, float, float]],
+                        out_dir: Path) -> dict[str, Path]:
+    """The tile CSV, heatmap (and uncertainty map) and GeoJSON of a predicted slide, together."""
+    stem, name = plan.path.stem, score_name(rows[0])
     values = np.array([row[name] for row in rows])
     paths = {"csv": out_dir / f"{stem}_tiles.csv", "heatmap": out_dir / f"{stem}_heatmap.png",
              "geojson": out_dir / f"{stem}.geojson"}
-    title = f"{slide_path.name}: {len(tiles)} tiles, mean {name} {values.mean():.3f}"
+    title = f"{plan.path.name}: {len(rows)} tiles, mean {name} {values.mean():.3f}"
     writers = {
         paths["csv"]: lambda tmp: write_tiles_csv(tmp, rows),
-        paths["heatmap"]: lambda tmp: heatmap(thumbnail, slide.dimensions, tiles, values, name, tmp, title),
-        paths["geojson"]: lambda tmp: tmp.write_text(json.dumps(geojson(tiles, rows, nuclei)))}
+        paths["heatmap"]: lambda tmp: heatmap(plan.thumbnail, plan.dimensions, plan.tiles, values, name, tmp, title),
+        paths["geojson"]: lambda tmp: tmp.write_text(json.dumps(geojson(plan.tiles, rows, nuclei)))}
     if UNCERTAINTY in rows[0]:
         spread = np.array([row[UNCERTAINTY] for row in rows])
         paths["uncertainty"] = out_dir / f"{stem}_uncertainty.png"
         # the spread's own scale (a std of scores in [0, 1] is at most 0.5), so small spreads show
         writers[paths["uncertainty"]] = lambda tmp: heatmap(
-            thumbnail, slide.dimensions, tiles, spread, UNCERTAINTY, tmp,
-            f"{slide_path.name}: spread over TTA variants / ensemble members, mean {spread.mean():.3f}",
+            plan.thumbnail, plan.dimensions, plan.tiles, spread, UNCERTAINTY, tmp,
+            f"{plan.path.name}: spread over TTA variants / ensemble members, mean {spread.mean():.3f}",
             vmax=max(float(spread.max()), 1e-3))
     write_together(writers)
-    return {"tiles": len(tiles), f"mean_{name}": round(float(values.mean()), 4),
+    return paths
+
+
+def slide_map(model_dir: str | os.PathLike, slide_path: str | os.PathLike, out_dir: str | os.PathLike,
+              batch_size: int = 16, progress: bool = True) -> dict:
+    """Tile a slide over its tissue, predict every tile and write CSV, heatmap PNG and GeoJSON."""
+    if batch_size < 1:
+        raise CellnetError(f"--batch-size: expected a positive integer, got {batch_size}")
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    slide = open_slide(slide_path)  # a bad slide is reported before the model is loaded
+    model = load_served(model_dir)
+    plan = plan_slide(slide_path, model.patch_size, slide)
+
+    start = time.time()
+    rows: list[dict] = []
+    nuclei: list[tuple[float, float, float]] = []
+    with tqdm(total=len(plan.tiles), desc="slide", unit="tile", disable=not progress) as bar:
+        for first in range(0, len(plan.tiles), batch_size):
+            chunk = plan.tiles[first:first + batch_size]
+            outputs = model.run(np.stack([plan.read(t) for t in chunk]), plan.path)
+            for tile, tile_outputs in zip(chunk, unbatch(outputs)):
+                row, found = tile_row(tile, tile_outputs, plan.dimensions)
+                rows.append(row)
+                nuclei += found
+            bar.update(len(chunk))
+    seconds = time.time() - start
+
+    name = score_name(model)
+    paths = write_slide_outputs(plan, rows, nuclei, out_dir)
+    return {"tiles": len(rows), f"mean_{name}": round(float(np.mean([r[name] for r in rows])), 4),
             "nuclei": len(nuclei) if model.has_masks else "-",
-            "mpp": round(mpp, 4) if mpp else f"unknown (assumed {TRAINING_MPP})", "level": level,
-            "tiles_per_s": round(len(tiles) / seconds, 2), **{k: str(v) for k, v in paths.items()}}
+            "mpp": round(plan.mpp, 4) if plan.mpp else f"unknown (assumed {TRAINING_MPP})", "level": plan.level,
+            "tiles_per_s": round(len(rows) / seconds, 2), **{k: str(v) for k, v in paths.items()}}
