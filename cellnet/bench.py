@@ -31,6 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cellnet.choices import RESNET34_BLOCKS
 from cellnet.files import write_text
 
 
@@ -140,7 +141,8 @@ def bench_savedmodel(batches: tuple[int, ...], repeats: int) -> dict:
     from cellnet.preprocess import full_res_to_model_input
     from cellnet.training.runs import save_model_atomic, write_run
 
-    width = preset("cellularity", "cpu")["width"]
+    settings = preset("cellularity", "cpu")
+    width, blocks = settings["width"], settings.get("stage_blocks") or RESNET34_BLOCKS
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
@@ -174,11 +176,11 @@ def bench_savedmodel(batches: tuple[int, ...], repeats: int) -> dict:
 
 
 def bench_savedmodel_fpn(batches: tuple[int, ...], repeats: int, width: float | None = None,
-                         size: int = 512) -> dict:
+                         size: int = 512, stage_blocks: tuple[int, ...] = RESNET34_BLOCKS) -> dict:
     """The FPN segmenter served from a SavedModel: patches/s and GFLOP/s at each batch size.
 
     ``width`` defaults to the paper preset's (1.0, the model of the paper); ``size`` is the
-    full-resolution input side. Both are smaller only in tests.
+    full-resolution input side. Both, and ``stage_blocks``, are smaller only in tests.
     """
     from cellnet.models import CellSegmenter, ResNet34Backbone
     from cellnet.preprocess import full_res_to_model_input
@@ -187,7 +189,8 @@ def bench_savedmodel_fpn(batches: tuple[int, ...], repeats: int, width: float | 
 
     settings = preset("segmentation", "paper")
     width = settings["width"] if width is None else width
-    model = CellSegmenter(ResNet34Backbone(unit=settings["unit"], width=width), decoder="fpn")
+    model = CellSegmenter(ResNet34Backbone(unit=settings["unit"], width=width, stage_blocks=stage_blocks),
+                          decoder="fpn")
     flops = graph_flops(lambda x: model(full_res_to_model_input(x)), tf.TensorSpec([1, size, size, 3], tf.uint8))
     out = {"savedmodel_fpn_paper": f"FPN segmenter, ResNet34 width {width:.2f} (paper preset), "
                                    f"{size}x{size} uint8 input",
@@ -234,7 +237,8 @@ def bench_tta_ensemble(batch: int, repeats: int) -> dict:
     from cellnet.training.presets import preset
     from cellnet.training.runs import save_model_atomic, write_run
 
-    width = preset("cellularity", "cpu")["width"]
+    settings = preset("cellularity", "cpu")
+    width, blocks = settings["width"], settings.get("stage_blocks") or RESNET34_BLOCKS
     x = tf.constant(np.random.default_rng(0).integers(0, 255, (batch, 512, 512, 3), dtype=np.uint8))
     rates = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -242,7 +246,8 @@ def bench_tta_ensemble(batch: int, repeats: int) -> dict:
         for i in range(3):
             run = Path(tmp) / f"run{i}"
             run.mkdir()
-            save_model_atomic(DirectCellularity("resnet34", "regression", width=width), run / "best.keras")
+            save_model_atomic(DirectCellularity("resnet34", "regression", width=width, stage_blocks=blocks),
+                              run / "best.keras")
             write_run(run, kind="regression", arch="resnet34", status="complete", init="random")
             runs.append(run)
         for name, sources, tta in (("plain", runs[0], "none"), ("tta_flips", runs[0], "flips"),
@@ -383,11 +388,13 @@ def _first_line(exc: BaseException) -> str:
 
 
 def bench_gpu(device: str = "/GPU:0", size: int | None = None, batch: int | None = None,
-              width: float | None = None, steps: int = 10, matmul_n: int | None = None) -> dict:
+              width: float | None = None, steps: int = 10, matmul_n: int | None = None,
+              stage_blocks: tuple[int, ...] | None = None) -> dict:
     """The paper FPN's training step and SavedModel on ``device``: images/s, TFLOP/s and MFU.
 
     The model, crop (``size``) and batch are the segmentation paper preset's unless given
-    (smaller only in tests, which run this on ``/CPU:0``). Images and masks are random tensors
+    (smaller only in tests, which run this on ``/CPU:0``, also with fewer ``stage_blocks``:
+    tracing time grows with the layers). Images and masks are random tensors
     made on the device, so no input pipeline is timed. The step is ``AugmentedTrainer``'s, as
     ``cellnet train segmentation`` compiles it (SegmentationLoss, Adam), timed after warm-up for:
     float32 with on-device augmentation (``fp32``), the same without augmentation
@@ -423,7 +430,8 @@ def bench_gpu(device: str = "/GPU:0", size: int | None = None, batch: int | None
     out.update(_peaks(device, details["name"], matmul_n, max(3, steps)))
 
     def segmenter():
-        return CellSegmenter(ResNet34Backbone(unit=settings["unit"], width=width), decoder="fpn")
+        blocks = {} if stage_blocks is None else {"stage_blocks": stage_blocks}
+        return CellSegmenter(ResNet34Backbone(unit=settings["unit"], width=width, **blocks), decoder="fpn")
 
     with tf.device(device):
         rng = tf.random.Generator.from_seed(0)

@@ -28,3 +28,5 @@ def is_torch_weights(path: str | os.PathLike | None) -> bool:
     return path is not None and os.fspath(path).endswith(TORCH_SUFFIXES)
 #: Apache Beam runners ``cellnet cohort`` offers (each takes its own options after cellnet's).
 BEAM_RUNNERS = ("DirectRunner", "FlinkRunner", "SparkRunner", "DataflowRunner")
+#: ResNet34's residual units per stage (``stage_blocks``; test presets use fewer).
+RESNET34_BLOCKS = (3, 4, 6, 3)

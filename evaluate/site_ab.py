@@ -3,7 +3,10 @@
 ``python -m evaluate.site_ab --src ../shared/real/brca-m2c --work /tmp/loso --epochs 30``
 
 Each fold holds out one TCGA tissue-source site (A7, A8, AC: characters 6-7 of the barcode)
-and trains on the other two, so no site or patient is on both sides. Every variant is scored on
+and trains on the other two, so no site or patient is on both sides. The run's own validation
+split (which picks ``best.keras`` and drives early choices) is every ``INNER_VAL_EVERY``-th patient
+of the training sites, never the held-out site: choosing the checkpoint on the site it is then
+scored on would flatter the figures (cellnet <= 0.4's version of this script did that). Every variant is scored on
 the held-out site's whole regions against the same reference: 15-px discs (global Jaccard at
 0.5, as in training) and point detection (``cellnet.evaluation.points``: peaks of each class map
 matched one-to-one to the annotated nuclei within 6 working-resolution px, as ``cellnet evaluate
@@ -37,6 +40,8 @@ VARIANTS: dict[str, dict] = {
     "reinhard": {"config": {"stain_norm": "reinhard"}}, "tissue_cpu": {"config": {"preset": "tissue-cpu"}},
 }
 REFERENCE_DISC = 15.0
+#: The runs' own validation: every 4th patient of each training site (about a quarter of them).
+INNER_VAL_EVERY = 4
 
 
 def site_of(case: str) -> str:
@@ -44,19 +49,42 @@ def site_of(case: str) -> str:
     return case.split("-")[1]
 
 
-def make_fold(imported: Path, fold: Path, site: str) -> None:
-    """A dataset folder whose cells/split.csv holds out ``site`` (links to the imported files)."""
-    cells = fold / "cells"
-    cells.mkdir(parents=True, exist_ok=True)
-    rows = ["name,split"]
-    for image in sorted((imported / "cells").glob("*_crop.tif")):
-        for path in (image, image.with_name(image.name.replace("_crop.tif", "_key.xml"))):
-            link = cells / path.name
-            if not link.exists():
-                link.symlink_to(path.resolve())
-        name = image.name.removesuffix("_crop.tif")
-        rows.append(f"{name},{'val' if site_of(name) == site else 'train'}")
-    (cells / "split.csv").write_text("\n".join(rows) + "\n")
+def patient_of(case: str) -> str:
+    """``TCGA-A7-A0D9-...`` -> ``TCGA-A7-A0D9``."""
+    return "-".join(case.split("-")[:3])
+
+
+def _link_region(image: Path, cells: Path) -> None:
+    for path in (image, image.with_name(image.name.replace("_crop.tif", "_key.xml"))):
+        link = cells / path.name
+        if not link.exists():
+            link.symlink_to(path.resolve())
+
+
+def make_fold(imported: Path, fold: Path, site: str) -> tuple[Path, Path]:
+    """The fold's training set and its held-out site, as two dataset folders (links to the imported files).
+
+    ``fold/data``: the other sites' regions; ``cells/split.csv`` puts every ``INNER_VAL_EVERY``-th
+    patient of them (sorted per site) in validation. ``fold/heldout``: the held-out site's regions,
+    all ``val``, scored only after training.
+    """
+    data, heldout = fold / "data" / "cells", fold / "heldout" / "cells"
+    for cells in (data, heldout):
+        cells.mkdir(parents=True, exist_ok=True)
+    images = sorted((imported / "cells").glob("*_crop.tif"))
+    names = [image.name.removesuffix("_crop.tif") for image in images]
+    patients = sorted({patient_of(n) for n in names if site_of(n) != site})
+    inner_val = {p for train_site in sorted({site_of(p) for p in patients})
+                 for i, p in enumerate(q for q in patients if site_of(q) == train_site) if i % INNER_VAL_EVERY == 0}
+    rows = {data: ["name,split"], heldout: ["name,split"]}
+    for image, name in zip(images, names):
+        cells = heldout if site_of(name) == site else data
+        _link_region(image, cells)
+        split = "val" if cells is heldout or patient_of(name) in inner_val else "train"
+        rows[cells].append(f"{name},{split}")
+    for cells, lines in rows.items():
+        (cells / "split.csv").write_text("\n".join(lines) + "\n")
+    return data.parent, heldout.parent
 
 
 def eq2_jaccard(y_true, y_pred):
@@ -143,23 +171,24 @@ def main() -> None:
     results = json.loads(results_path.read_text()) if results_path.is_file() and not args.rescore else {}
     for site in SITES:
         fold = work / f"fold_{site}"
-        make_fold(imported, fold / "data", site)
+        data, heldout = make_fold(imported, fold, site)
         for variant in args.variants:
             key = f"{site}/{variant}"
             if key in results:
                 continue
             spec = VARIANTS[variant]
             disc = spec.get("disc", REFERENCE_DISC)
-            prepared = {d: fold / f"prepared_d{d:g}" for d in {disc, REFERENCE_DISC}}
-            for d, path in prepared.items():
+            prepared = fold / f"prepared_d{disc:g}"
+            reference = fold / "heldout_prepared"
+            for source, path, d in ((data, prepared, disc), (heldout, reference, REFERENCE_DISC)):
                 if not (path / "manifest.json").is_file():
-                    subprocess.run([sys.executable, "-m", "cellnet.cli", "prepare", "--data", str(fold / "data"),
+                    subprocess.run([sys.executable, "-m", "cellnet.cli", "prepare", "--data", str(source),
                                     "--out", str(path), "--disc", str(d), "--quiet"], check=True)
             run = fold / "runs" / f"{variant}_e{args.epochs or 'preset'}_s{args.seed}"
             epochs = ["--epochs", str(args.epochs)] if args.epochs else []
             done = subprocess.run([sys.executable, "-m", "evaluate.site_ab", "--work", str(work), *epochs,
                                    "--seed", str(args.seed), "--one",
-                                   str(prepared[disc]), str(run), json.dumps(spec), str(prepared[REFERENCE_DISC])],
+                                   str(prepared), str(run), json.dumps(spec), str(reference)],
                                   check=True, capture_output=True, text=True)
             results[key] = json.loads(done.stdout.strip().splitlines()[-1])
             results_path.write_text(json.dumps(results, indent=2))

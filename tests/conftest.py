@@ -81,7 +81,10 @@ def synth_prepared(synth_data, tmp_path_factory) -> Path:
     return out
 
 
-TINY = dict(preset="cpu", width=0.125, batch_size=4, steps_per_epoch=2, epochs=2, crop=64, progress=False)
+#: Tiny networks: ResNet34s with one unit per stage trace in a third of the time of the full ones.
+TINY_BLOCKS = (1, 1, 1, 1)
+TINY = dict(preset="cpu", width=0.125, batch_size=4, steps_per_epoch=2, epochs=2, crop=64, progress=False,
+            stage_blocks=TINY_BLOCKS)
 
 
 def tiny_config(task: str, data: Path, run: Path, **overrides):

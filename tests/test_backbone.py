@@ -249,6 +249,40 @@ def test_input_channels_and_bad_arguments():
         ResNet34Backbone(width=0)
 
 
+@pytest.mark.parametrize("unit", ["preact", "authors", "torchvision"])
+def test_stage_blocks_set_the_units_per_stage_and_reload(unit, tmp_path):
+    from cellnet.models import DirectCellularity
+
+    small = ResNet34Backbone(unit=unit, width=TINY, stage_blocks=(1, 2, 1, 1))
+    units = {layer.name.split("_")[0] + "_" + layer.name.split("_")[1] for layer in small.layers
+             if layer.name.startswith("stage")}
+    assert units == {"stage2_unit1", "stage3_unit1", "stage3_unit2", "stage4_unit1", "stage5_unit1"}
+    assert set(small.pyramid_outputs) == {"P2", "P3", "P4", "P5"}
+    assert small(_images()).shape == ResNet34Backbone(unit=unit, width=TINY)(_images()).shape
+    assert small.count_params() < ResNet34Backbone(unit=unit, width=TINY).count_params()
+    assert ResNet34Backbone.from_config(small.get_config()).count_params() == small.count_params()
+    # the models built on it keep it in their .keras files
+    model = DirectCellularity("resnet34", input_shape=(64, 64, 3), width=TINY, unit=unit, stage_blocks=(1, 1, 1, 1))
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras", compile=False)
+    assert again.stage_blocks == (1, 1, 1, 1) and again.count_params() == model.count_params()
+    # files saved before the argument existed are ResNet34s
+    config = ResNet34Backbone(width=TINY).get_config()
+    del config["stage_blocks"]
+    assert ResNet34Backbone.from_config(config).stage_blocks == (3, 4, 6, 3)
+    for bad in ((1, 1, 1), (1, 0, 1, 1), (1.5, 1, 1, 1)):
+        with pytest.raises(CellnetError, match="stage_blocks .*expected 4 positive integers"):
+            ResNet34Backbone(stage_blocks=bad)
+
+
+def test_imagenet_init_needs_resnet34s_units():
+    from cellnet.training.config import make_config
+
+    with pytest.raises(CellnetError, match="ImageNet files are ResNet34s"):
+        make_config("segmentation", data="d", run="r", init="imagenet:w.pth", unit="torchvision",
+                    stage_blocks=(1, 1, 1, 1)).resolve()
+
+
 def test_config_round_trip_rebuilds_the_same_network():
     backbone = ResNet34Backbone(
         input_channels=4, unit="authors", width=TINY, name="enc", trainable=False

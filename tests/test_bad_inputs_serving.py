@@ -26,7 +26,7 @@ from badinput import Case, Setup, check, files_under
 from cellnet.serving.export import export_run
 from cellnet.data.imageio import write_image
 from cellnet.models import CellSegmenter, DirectCellularity, ResNet34Backbone
-from conftest import calibrate
+from conftest import TINY_BLOCKS, calibrate
 
 WIDTH = 0.125
 PATCH = 64  # full resolution; the tiny regression model takes 32x32 at working resolution
@@ -39,8 +39,8 @@ def exports(tmp_path_factory) -> Path:
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     for kind, model in (
-            ("regression", DirectCellularity("resnet34", "regression", input_shape=(32, 32, 3), width=WIDTH)),
-            ("segmentation", CellSegmenter(ResNet34Backbone(width=WIDTH), decoder="unet", name="unet_segmenter"))):
+            ("regression", DirectCellularity("resnet34", "regression", input_shape=(32, 32, 3), width=WIDTH, stage_blocks=TINY_BLOCKS)),
+            ("segmentation", CellSegmenter(ResNet34Backbone(width=WIDTH, stage_blocks=TINY_BLOCKS), decoder="unet", name="unet_segmenter"))):
         calibrate(model, rng.integers(0, 256, (8, PATCH, PATCH, 3), dtype=np.uint8))
         run = root / "runs" / kind
         run.mkdir(parents=True)

@@ -20,13 +20,14 @@ import pytest
 import tensorflow as tf
 
 from badinput import Case, Setup, check
-from conftest import REPO
+from conftest import REPO, TINY_BLOCKS
 from test_tasks import interrupt_after
 
 TINY_PRESETS = {
-    "segmentation": dict(width=0.125, batch_size=4, steps_per_epoch=2, epochs=2, crop=64),
-    "cellularity": dict(width=0.125, batch_size=4, steps_per_epoch=2, epochs=2),
-    "cascade": dict(width=0.125, batch_size=4, steps_per_epoch=2, epochs=1, finetune_epochs=1),
+    "segmentation": dict(width=0.125, batch_size=4, steps_per_epoch=2, epochs=2, crop=64, stage_blocks=TINY_BLOCKS),
+    "cellularity": dict(width=0.125, batch_size=4, steps_per_epoch=2, epochs=2, stage_blocks=TINY_BLOCKS),
+    "cascade": dict(width=0.125, batch_size=4, steps_per_epoch=2, epochs=1, finetune_epochs=1,
+                    stage_blocks=TINY_BLOCKS),
     "gbt": dict(rounds=5, batch_size=4),
 }
 

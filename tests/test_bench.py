@@ -10,6 +10,7 @@ import tensorflow as tf
 from cellnet.bench import (bench_features, bench_savedmodel_fpn, format_table, fractions_of_matmul,
                            machine_info)
 from cellnet.machine import SIMD
+from conftest import TINY_BLOCKS
 
 
 def test_machine_records_cpu_model_and_simd_flags():
@@ -29,7 +30,7 @@ def test_features_rate_and_gflops():
 
 
 def test_fpn_savedmodel_keys_and_fractions_of_matmul():
-    out = bench_savedmodel_fpn((1,), repeats=1, width=0.125, size=64)
+    out = bench_savedmodel_fpn((1,), repeats=1, width=0.125, size=64, stage_blocks=TINY_BLOCKS)
     assert "width 0.12" in out["savedmodel_fpn_paper"]
     assert out["savedmodel_fpn_paper_gflop_per_patch"] > 0
     assert out["savedmodel_fpn_paper_batch1_patches_per_s"] > 0
@@ -61,7 +62,8 @@ def test_tta_and_ensemble_costs_are_measured_against_the_plain_export(monkeypatc
     from cellnet.training import presets
 
     real = presets.preset
-    monkeypatch.setattr(presets, "preset", lambda task, name: {**real(task, name), "width": 0.125})
+    monkeypatch.setattr(presets, "preset", lambda task, name: {**real(task, name), "width": 0.125,
+                                                                "stage_blocks": TINY_BLOCKS})
     out = bench.bench_tta_ensemble(batch=1, repeats=1)
     for name in ("plain", "tta_flips", "tta_d4", "ensemble3"):
         assert out[f"savedmodel_{name}_batch1_patches_per_s"] > 0
@@ -74,12 +76,12 @@ def test_bf16_speedup_is_omitted_where_the_cpu_emulates_bf16(monkeypatch):
     from cellnet import bench, machine
 
     monkeypatch.setattr(machine, "reduced_precision_support", lambda: {"bfloat16": False, "float16": False})
-    out = bench.bench_savedmodel_fpn((1,), repeats=1, width=0.125, size=64)
+    out = bench.bench_savedmodel_fpn((1,), repeats=1, width=0.125, size=64, stage_blocks=TINY_BLOCKS)
     if not bench.tf.config.list_physical_devices("GPU"):
         assert "not supported here" in out["savedmodel_fpn_paper_bf16"]
         assert not any(k.endswith("bf16_speedup") for k in out)
     monkeypatch.setattr(machine, "reduced_precision_support", lambda: {"bfloat16": True, "float16": False})
-    out = bench.bench_savedmodel_fpn((1,), repeats=1, width=0.125, size=64)
+    out = bench.bench_savedmodel_fpn((1,), repeats=1, width=0.125, size=64, stage_blocks=TINY_BLOCKS)
     assert out["savedmodel_fpn_paper_batch1_bf16_speedup"] == pytest.approx(
         out["savedmodel_fpn_paper_batch1_bf16_patches_per_s"] / out["savedmodel_fpn_paper_batch1_patches_per_s"])
 
@@ -94,11 +96,8 @@ def gpu_figures():
     traces a training step, and tracing time grows with the layers, not with the tiny sizes.
     """
     from cellnet import bench
-    from cellnet.models import backbone
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(backbone, "STAGE_BLOCKS", (1, 1, 1, 1))
-        yield bench.bench_gpu("/CPU:0", size=32, batch=2, width=0.125, steps=1)
+    yield bench.bench_gpu("/CPU:0", size=32, batch=2, width=0.125, steps=1, stage_blocks=TINY_BLOCKS)
 
 
 def test_gpu_bench_measures_every_training_configuration(gpu_figures):

@@ -26,7 +26,7 @@ from cellnet.models.features import FEATURE_NAMES, extract_features
 from cellnet.models import (CellSegmenter, DirectCellularity, GBTCellularity, GBTEnsemble, ResNet34Backbone,
                             SRCascade, decode_bins_np)
 from cellnet.preprocess import pad_to_multiple
-from conftest import calibrate, graph_preprocess, spread_head
+from conftest import TINY_BLOCKS, calibrate, graph_preprocess, spread_head
 
 TOLERANCE = 1e-5
 WIDTH = 0.125
@@ -78,15 +78,15 @@ def exported(tmp_path_factory):
     large = patches(rng, [70, 190], 512)
     odd = rng.integers(0, 256, (2, 100, 70, 3), dtype=np.uint8)  # 50x35 working: padded to 64x64
     keras.utils.set_random_seed(0)
-    segmenter = CellSegmenter(ResNet34Backbone(width=WIDTH), decoder="fpn", name="fpn_segmenter")
-    regression = DirectCellularity("resnet34", "regression", input_shape=(32, 32, 3), width=WIDTH)
-    classification = DirectCellularity("resnet34", "classification", input_shape=(32, 32, 3), width=WIDTH)
+    segmenter = CellSegmenter(ResNet34Backbone(width=WIDTH, stage_blocks=TINY_BLOCKS), decoder="fpn", name="fpn_segmenter")
+    regression = DirectCellularity("resnet34", "regression", input_shape=(32, 32, 3), width=WIDTH, stage_blocks=TINY_BLOCKS)
+    classification = DirectCellularity("resnet34", "classification", input_shape=(32, 32, 3), width=WIDTH, stage_blocks=TINY_BLOCKS)
     calibration_small = patches(rng, np.linspace(40, 220, 16), SMALL_PATCH)
     calibration_large = patches(rng, np.linspace(40, 220, 4), 512)
     for model, images in ((segmenter, calibration_large), (regression, calibration_small),
                           (classification, calibration_small)):
         calibrate(model, images)
-    cascade = SRCascade(segmenter, width=WIDTH, name="sr_cascade")  # freezes the segmenter
+    cascade = SRCascade(segmenter, width=WIDTH, stage_blocks=TINY_BLOCKS, name="sr_cascade")  # freezes the segmenter
     calibrate(cascade, calibration_large)
     spread_head(regression, small)
     spread_head(cascade, large)
@@ -204,7 +204,7 @@ def _raw_head(model: keras.Model, bias: float) -> None:
 def test_exported_regression_clips_a_raw_output_outside_0_1(tmp_path):
     keras.utils.set_random_seed(3)
     images = patches(np.random.default_rng(3), [60, 200], SMALL_PATCH)
-    model = DirectCellularity("resnet34", "regression", input_shape=(32, 32, 3), width=WIDTH)
+    model = DirectCellularity("resnet34", "regression", input_shape=(32, 32, 3), width=WIDTH, stage_blocks=TINY_BLOCKS)
     calibrate(model, images)
     for bias, served_value in ((2.0, 1.0), (-2.0, 0.0)):
         _raw_head(model, bias)
@@ -219,8 +219,8 @@ def test_exported_regression_clips_a_raw_output_outside_0_1(tmp_path):
 def test_served_cascade_and_gbt_scores_are_clipped_to_0_1():
     keras.utils.set_random_seed(5)
     images = patches(np.random.default_rng(5), [80, 180], 512)
-    segmenter = CellSegmenter(ResNet34Backbone(width=WIDTH), decoder="fpn", name="fpn_segmenter")
-    cascade = SRCascade(segmenter, width=WIDTH, name="sr_cascade")
+    segmenter = CellSegmenter(ResNet34Backbone(width=WIDTH, stage_blocks=TINY_BLOCKS), decoder="fpn", name="fpn_segmenter")
+    cascade = SRCascade(segmenter, width=WIDTH, stage_blocks=TINY_BLOCKS, name="sr_cascade")
 
     def stump(score: float) -> GBTEnsemble:  # one single-leaf tree: the tree sum is ``score``
         return GBTEnsemble([[0]], [[0.0]], [[0]], [[0]], [[0]], [[0.5]], base_score=score - 0.5,
@@ -379,10 +379,10 @@ def test_reduced_precision_exports_stay_close_to_float32_and_keep_their_io_dtype
 
     keras.utils.set_random_seed(7)
     rng = np.random.default_rng(7)
-    segmenter = CellSegmenter(ResNet34Backbone(width=WIDTH), decoder="fpn", name="fpn_segmenter")
+    segmenter = CellSegmenter(ResNet34Backbone(width=WIDTH, stage_blocks=TINY_BLOCKS), decoder="fpn", name="fpn_segmenter")
     large = patches(rng, np.linspace(40, 220, 4), 256)
     calibrate(segmenter, large)
-    regression = DirectCellularity("resnet34", "regression", input_shape=(32, 32, 3), width=WIDTH)
+    regression = DirectCellularity("resnet34", "regression", input_shape=(32, 32, 3), width=WIDTH, stage_blocks=TINY_BLOCKS)
     small = patches(rng, np.linspace(40, 220, 8), SMALL_PATCH)
     calibrate(regression, small)
     spread_head(regression, small)  # scores inside (0, 1), where the clip does not hide errors

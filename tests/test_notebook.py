@@ -2,7 +2,7 @@
 
 The notebook's cell tagged ``parameters`` holds the GPU paper run; like papermill, the test adds a
 cell after it that overrides those values (cpu preset, one epoch of one step, width 0.125, 64-px
-crops, a 4-patient synthetic set: the fewest that fill every split) and runs every cell with
+crops, one residual unit per stage, a 4-patient synthetic set: the fewest that fill every split) and runs every cell with
 nbclient, in a kernel of this interpreter.
 The committed file must carry no outputs, so what is in git is what a user runs.
 """
@@ -18,7 +18,8 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "cellnet_colab.ip
 #: What the test runs instead of the defaults: everything as small as cellnet allows.
 TINY = dict(DATA="synthetic", SYNTH_PATIENTS=4, SYNTH_SMALL=True, SLIDE=None, PRESET="cpu", EPOCHS=1, STEPS=1,
             CELLULARITY_EPOCHS=1, FINETUNE_EPOCHS=0, BATCH_SIZE=2, WIDTH=0.125, CROP=64,
-            MIXED_PRECISION=False, JIT=False, IN_COLAB=False, INSTALL=False, SHOW_TENSORBOARD=False)
+            MIXED_PRECISION=False, JIT=False, IN_COLAB=False, INSTALL=False, SHOW_TENSORBOARD=False,
+            STAGE_BLOCKS=(1, 1, 1, 1))
 #: Seconds any one cell may take before the run counts as hung.
 CELL_TIMEOUT = 600
 
@@ -72,7 +73,8 @@ def test_defaults_are_the_gpu_paper_run():
     assert params["MIXED_PRECISION"] is True
     assert params["DATA"] == "synthetic"
     assert params["INSTALL"] is True
-    for name in ("EPOCHS", "STEPS", "CELLULARITY_EPOCHS", "FINETUNE_EPOCHS", "BATCH_SIZE", "WIDTH", "CROP"):
+    for name in ("EPOCHS", "STEPS", "CELLULARITY_EPOCHS", "FINETUNE_EPOCHS", "BATCH_SIZE", "WIDTH", "CROP",
+                 "STAGE_BLOCKS"):
         assert params[name] is None, f"{name} must default to the preset's value"
     assert set(TINY) <= set(params), f"the test overrides unknown parameters: {set(TINY) - set(params)}"
 

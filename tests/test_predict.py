@@ -16,7 +16,7 @@ from cellnet.data.imageio import read_rgb, write_image
 from cellnet.serving.predict import predict
 from cellnet.models import CellSegmenter, DirectCellularity, ResNet34Backbone, decode_bins_np
 from cellnet.evaluation.plots import overlay_rgb
-from conftest import calibrate, graph_preprocess, spread_head
+from conftest import TINY_BLOCKS, calibrate, graph_preprocess, spread_head
 
 WIDTH = 0.125
 PATCH = 64  # full resolution; the tiny direct models take 32x32 at working resolution
@@ -36,10 +36,10 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("inference")
     keras.utils.set_random_seed(0)
     built = {
-        "regression": DirectCellularity("resnet34", "regression", input_shape=(32, 32, 3), width=WIDTH),
-        "classification": DirectCellularity("resnet34", "classification", input_shape=(32, 32, 3), width=WIDTH),
+        "regression": DirectCellularity("resnet34", "regression", input_shape=(32, 32, 3), width=WIDTH, stage_blocks=TINY_BLOCKS),
+        "classification": DirectCellularity("resnet34", "classification", input_shape=(32, 32, 3), width=WIDTH, stage_blocks=TINY_BLOCKS),
         # U-Net: any input size, as the segmentation signature promises
-        "segmentation": CellSegmenter(ResNet34Backbone(width=WIDTH), decoder="unet", name="unet_segmenter"),
+        "segmentation": CellSegmenter(ResNet34Backbone(width=WIDTH, stage_blocks=TINY_BLOCKS), decoder="unet", name="unet_segmenter"),
     }
     rng = np.random.default_rng(3)
     for kind, model in built.items():

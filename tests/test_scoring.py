@@ -28,7 +28,7 @@ from cellnet.models import CellSegmenter, ResNet34Backbone
 from cellnet.preprocess import IMAGES_SPEC
 from cellnet.serving.export import METADATA_FILE, export_model
 from cellnet.serving.predict import load_served
-from conftest import REAL, calibrate
+from conftest import REAL, TINY_BLOCKS, calibrate
 
 ONE = 1 - 1e-6
 
@@ -218,7 +218,7 @@ def segmenter_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("segmenter")
     regions = synthetic_regions(seed=1)
     keras.utils.set_random_seed(0)
-    model = CellSegmenter(ResNet34Backbone(width=0.125), decoder="fpn")
+    model = CellSegmenter(ResNet34Backbone(width=0.125, stage_blocks=TINY_BLOCKS), decoder="fpn")
     calibrate(model, np.stack([regions[0][0][:64, :64], regions[2][0]]))
     saved = export_model(model, "segmentation", root / "saved_models" / "tiny" / "1", {})
     return write_folder(root / "data", regions), saved.parent

@@ -15,7 +15,7 @@ from cellnet.errors import CellnetError
 from cellnet.serving.export import export_run
 from cellnet.models import CellSegmenter, ResNet34Backbone, SRCascade
 from cellnet.serving.slide import Tile, malignant_nuclei, slide_map
-from conftest import calibrate, graph_preprocess, spread_head
+from conftest import TINY_BLOCKS, calibrate, graph_preprocess, spread_head
 
 REAL_SLIDE = Path(__file__).resolve().parents[1].parent / "shared" / "real" / "wsi" / "CMU-1-Small-Region.svs"
 WIDTH = 0.125
@@ -69,9 +69,9 @@ def cascade(tmp_path_factory, slide_image):
     root = tmp_path_factory.mktemp("slide")
     keras.utils.set_random_seed(0)
     tiles = np.stack([slide_image[y:y + 512, x:x + 512] for x, y in ((0, 0), (512, 512), (1024, 1024), (1536, 0))])
-    segmenter = CellSegmenter(ResNet34Backbone(width=WIDTH), decoder="fpn")
+    segmenter = CellSegmenter(ResNet34Backbone(width=WIDTH, stage_blocks=TINY_BLOCKS), decoder="fpn")
     calibrate(segmenter, tiles)
-    model = SRCascade(segmenter, width=WIDTH, name="sr_cascade")
+    model = SRCascade(segmenter, width=WIDTH, stage_blocks=TINY_BLOCKS, name="sr_cascade")
     calibrate(model, tiles)
     # scores inside (0, 1), where serving's clip leaves them: these tiles and a level-1 one
     half = cv2.resize(slide_image[:1024, :1024], (512, 512), interpolation=cv2.INTER_AREA)

@@ -18,7 +18,7 @@ from cellnet.errors import CellnetError
 from cellnet.models import DirectCellularity
 from cellnet.serving.export import export_run
 from cellnet.serving.slide import open_slide, slide_map
-from conftest import calibrate, spread_head
+from conftest import TINY_BLOCKS, calibrate, spread_head
 from test_slide import WIDTH, read_rows, tissue_slide, write_pyramid
 
 pydicom = pytest.importorskip("pydicom", reason="writing the DICOM slide needs pydicom (a wsidicom dependency)")
@@ -96,7 +96,7 @@ def regressor(tmp_path_factory, slide_image) -> Path:
     root = tmp_path_factory.mktemp("slide_dicom")
     keras.utils.set_random_seed(0)
     tiles = np.stack([slide_image[y:y + 512, x:x + 512] for x, y in ((0, 0), (512, 512), (1024, 1024), (1536, 0))])
-    model = DirectCellularity("resnet34", "regression", input_shape=(256, 256, 3), width=WIDTH)
+    model = DirectCellularity("resnet34", "regression", input_shape=(256, 256, 3), width=WIDTH, stage_blocks=TINY_BLOCKS)
     calibrate(model, tiles)
     spread_head(model, tiles)
     run = root / "run"

@@ -118,7 +118,7 @@ def test_gbt_needs_a_segmentation_run(tiny_seg_run, synth_prepared, tmp_path):
 def test_imagenet_init_without_a_file_is_a_clear_error(synth_prepared, tmp_path):
     with pytest.raises(CellnetError, match="ImageNet weights file not found.*never downloads"):
         train_segmentation(tiny_config("segmentation", synth_prepared, tmp_path / "s",
-                                       init=f"imagenet:{tmp_path / 'missing.weights.h5'}"))
+                                       init=f"imagenet:{tmp_path / 'missing.weights.h5'}", stage_blocks=None))
     assert not (tmp_path / "s").exists()
 
 
@@ -158,7 +158,8 @@ def test_segmentation_starts_from_a_torchvision_imagenet_file(synth_prepared, tm
     weights = _write_safetensors(state, tmp_path / "model.safetensors")
     run = tmp_path / "seg"
     train_segmentation(tiny_config("segmentation", synth_prepared, run, width=1.0, unit="torchvision",
-                                   init=f"imagenet:{weights}", epochs=1, steps_per_epoch=1, batch_size=2))
+                                   init=f"imagenet:{weights}", epochs=1, steps_per_epoch=1, batch_size=2,
+                                   stage_blocks=None))  # ImageNet files are ResNet34s
     model = keras.saving.load_model(run / "best.keras", compile=False)
     backbone = model.backbone
     assert backbone.unit == "torchvision" and backbone.input_norm == "imagenet"
@@ -173,7 +174,8 @@ def test_a_torchvision_file_needs_the_torchvision_unit(synth_prepared, tmp_path)
     weights.write_bytes(b"")
     with pytest.raises(CellnetError, match=r"^--init imagenet:.*resnet34.pth: a torchvision/timm ResNet34 file "
                                            r"needs --unit torchvision \(not preact\)"):
-        train_segmentation(tiny_config("segmentation", synth_prepared, tmp_path / "seg", init=f"imagenet:{weights}"))
+        train_segmentation(tiny_config("segmentation", synth_prepared, tmp_path / "seg", init=f"imagenet:{weights}",
+                                       stage_blocks=None))
     assert not (tmp_path / "seg").exists()
 
 

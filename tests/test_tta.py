@@ -15,7 +15,7 @@ from cellnet.errors import CellnetError
 from cellnet.models import CellSegmenter, DirectCellularity, ResNet34Backbone, decode_bins_np
 from cellnet.serving.export import serving_fn
 from cellnet.models.tta import D4, GROUPS, same_shape_groups, symmetries
-from conftest import calibrate, graph_preprocess, spread_head
+from conftest import TINY_BLOCKS, calibrate, graph_preprocess, spread_head
 
 TOLERANCE = 1e-5
 WIDTH = 0.125
@@ -52,10 +52,10 @@ def test_unknown_mode_is_refused_in_one_line():
 def tiny_models():
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
-    segmenter = CellSegmenter(ResNet34Backbone(width=WIDTH), decoder="fpn", name="fpn_segmenter")
+    segmenter = CellSegmenter(ResNet34Backbone(width=WIDTH, stage_blocks=TINY_BLOCKS), decoder="fpn", name="fpn_segmenter")
     calibrate(segmenter, rng.integers(0, 256, (4, 128, 128, 3), dtype=np.uint8))
-    regression = DirectCellularity("resnet34", "regression", input_shape=(32, 32, 3), width=WIDTH)
-    classification = DirectCellularity("resnet34", "classification", input_shape=(32, 32, 3), width=WIDTH)
+    regression = DirectCellularity("resnet34", "regression", input_shape=(32, 32, 3), width=WIDTH, stage_blocks=TINY_BLOCKS)
+    classification = DirectCellularity("resnet34", "classification", input_shape=(32, 32, 3), width=WIDTH, stage_blocks=TINY_BLOCKS)
     small = rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8)
     calibrate(regression, small)
     calibrate(classification, small)

@@ -12,17 +12,23 @@ Three residual units are available:
   of ReLU, as in the paper).
 
 The pyramid taps ``P2..P5`` (strides 4, 8, 16, 32) feed the segmentation decoders.
+
+``stage_blocks`` sets the units per stage: ResNet34's ``(3, 4, 6, 3)`` unless given (keras-hub's
+``stackwise_num_blocks``). Fewer units (e.g. ``(1, 1, 1, 1)``) make the tiny networks the test
+suite trains, whose graphs trace in a third of the time; every model cellnet trains by default,
+and every ImageNet file it loads, has ResNet34's.
 """
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 
 import h5py
 import keras
 from keras import layers, ops
 
-from cellnet.choices import UNITS, is_torch_weights
+from cellnet.choices import RESNET34_BLOCKS, UNITS, is_torch_weights
 from cellnet.errors import CellnetError
 
 #: BatchNormalization momentum. Keras's (and the authors' Keras 2 code's) 0.99 keeps the first
@@ -31,7 +37,7 @@ from cellnet.errors import CellnetError
 #: held-out malignant Jaccard 0.45 with 0.9, 0.20 with 0.99; README, "Real tissue").
 BN_MOMENTUM = 0.9
 
-STAGE_BLOCKS: tuple[int, ...] = (3, 4, 6, 3)
+STAGE_BLOCKS: tuple[int, ...] = RESNET34_BLOCKS
 STAGE_FILTERS: tuple[int, ...] = (64, 128, 256, 512)
 STEM_FILTERS = 64
 KERNEL_INITIALIZER = "he_normal"
@@ -48,6 +54,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: first training step on AVX-512 CPUs, while 16-channel blocks run on every x86 CPU (README,
 #: "Known issues"). So no width a config can reach yields a channel count oneDNN mishandles.
 CHANNEL_MULTIPLE = 16
+
+
+def check_stage_blocks(stage_blocks: Sequence[int]) -> tuple[int, ...]:
+    """Four positive unit counts, as a tuple; one line naming the value otherwise."""
+    blocks = tuple(stage_blocks)
+    if len(blocks) != len(STAGE_FILTERS) or not all(type(b) is int and b > 0 for b in blocks):
+        raise CellnetError(f"stage_blocks {list(blocks)}: expected {len(STAGE_FILTERS)} positive integers "
+                           f"(ResNet34: {list(STAGE_BLOCKS)})")
+    return blocks
 
 
 def scaled_filters(filters: int, width: float, multiple: int | None = CHANNEL_MULTIPLE) -> int:
@@ -222,6 +237,8 @@ class ResNet34Backbone(keras.Model):
         channel_multiple: 16 (``CHANNEL_MULTIPLE``); ``None`` rebuilds models saved before it.
         input_norm: ``"none"``, or ``"imagenet"``: the [-1, 1] RGB input is converted to
             torchvision's ImageNet normalisation first (layer ``imagenet_norm``; 3 channels).
+        stage_blocks: residual units in each of the four stages, ``STAGE_BLOCKS`` (ResNet34's
+            3, 4, 6, 3) unless given; fewer make small networks for tests.
         **kwargs: passed to ``keras.Model`` (``name``, ``trainable``, ``dtype``).
 
     Attributes:
@@ -240,8 +257,9 @@ class ResNet34Backbone(keras.Model):
 
     def __init__(self, input_channels: int = 3, unit: str = "preact", width: float = 1.0,
                  channel_multiple: int | None = CHANNEL_MULTIPLE, input_norm: str = "none",
-                 **kwargs):
+                 stage_blocks: Sequence[int] = STAGE_BLOCKS, **kwargs):
         trainable = kwargs.pop("trainable", True)
+        stage_blocks = check_stage_blocks(stage_blocks)
         if unit not in UNITS:
             raise CellnetError(f"ResNet34Backbone unit {unit!r}: expected one of {', '.join(UNITS)}")
         if input_channels < 1 or width <= 0:
@@ -271,7 +289,7 @@ class ResNet34Backbone(keras.Model):
         else:
             x = stem(x, stem_filters, use_bias=not preact)
         pyramid = {}
-        for stage, (blocks, filters) in enumerate(zip(STAGE_BLOCKS, STAGE_FILTERS), start=2):
+        for stage, (blocks, filters) in enumerate(zip(stage_blocks, STAGE_FILTERS), start=2):
             filters = scaled_filters(filters, width, channel_multiple)
             for block in range(blocks):
                 strides = 2 if block == 0 and stage > 2 else 1
@@ -301,6 +319,7 @@ class ResNet34Backbone(keras.Model):
         self.width = width
         self.channel_multiple = channel_multiple
         self.input_norm = input_norm
+        self.stage_blocks = stage_blocks
         self.pyramid_outputs = pyramid
 
     def get_config(self) -> dict:
@@ -312,6 +331,7 @@ class ResNet34Backbone(keras.Model):
             "width": self.width,
             "channel_multiple": self.channel_multiple,
             "input_norm": self.input_norm,
+            "stage_blocks": list(self.stage_blocks),
         }
 
     @classmethod

@@ -5,6 +5,7 @@ All take float images scaled to [-1, 1] and output float32 values, also under mi
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import keras
 import numpy as np
@@ -13,7 +14,7 @@ from keras import layers
 
 from cellnet.choices import REGRESSION_ACTIVATIONS
 from cellnet.errors import CellnetError
-from cellnet.models.backbone import (CHANNEL_MULTIPLE, ResNet34Backbone, load_backbone_weights,
+from cellnet.models.backbone import (CHANNEL_MULTIPLE, STAGE_BLOCKS, ResNet34Backbone, load_backbone_weights,
                                      set_trainable)
 from cellnet.models.segmenter import CellSegmenter
 
@@ -132,6 +133,7 @@ class DirectCellularity(keras.Model):
         channel_multiple: channel rounding of the resnet34 backbone (see ``scaled_filters``).
         input_norm: the resnet34 backbone's input scaling: ``"none"``, or ``"imagenet"`` for
             torchvision/timm ImageNet weights (their mean/std normalisation, inside the model).
+        stage_blocks: units per stage of the resnet34 backbone (ResNet34's by default).
         weights: ``None`` (He initialisation) or a LOCAL weights file for the encoder:
             for resnet34 see ``load_backbone_weights``, for resnet50/xception a
             keras.applications no-top ``.h5``. Never downloaded: ``"imagenet"`` is refused.
@@ -159,6 +161,7 @@ class DirectCellularity(keras.Model):
         channel_multiple: int | None = CHANNEL_MULTIPLE,
         regression_activation: str = "linear",
         input_norm: str = "none",
+        stage_blocks: Sequence[int] = STAGE_BLOCKS,
         **kwargs,
     ):
         check_regression_activation(regression_activation)
@@ -180,7 +183,7 @@ class DirectCellularity(keras.Model):
         if arch == "resnet34":
             self.encoder = ResNet34Backbone(input_channels=input_shape[-1], unit=unit, width=width,
                                             channel_multiple=channel_multiple, input_norm=input_norm,
-                                            name="encoder")
+                                            stage_blocks=stage_blocks, name="encoder")
             if weights is not None:
                 load_backbone_weights(self.encoder, weights)
         else:
@@ -206,6 +209,7 @@ class DirectCellularity(keras.Model):
         self.channel_multiple = channel_multiple
         self.regression_activation = regression_activation
         self.input_norm = input_norm
+        self.stage_blocks = tuple(stage_blocks)
 
     def get_config(self) -> dict:
         # Weights travel in the .keras file; the config rebuilds a randomly initialised model.
@@ -220,6 +224,7 @@ class DirectCellularity(keras.Model):
             "channel_multiple": self.channel_multiple,
             "regression_activation": self.regression_activation,
             "input_norm": self.input_norm,
+            "stage_blocks": list(self.stage_blocks),
         }
 
     @classmethod
@@ -253,6 +258,7 @@ class SRCascade(keras.Model):
         phase: ``"head"`` or ``"finetune"``.
         regression_activation: ``"linear"`` (the default, as in the authors' code) or
             ``"sigmoid"`` (cellnet <= 0.2; files saved then reload with it).
+        stage_blocks: units per stage of the regression ResNet34 (ResNet34's by default).
         **kwargs: passed to ``keras.Model``.
 
     Attributes:
@@ -270,6 +276,7 @@ class SRCascade(keras.Model):
         unit: str = "preact",
         channel_multiple: int | None = CHANNEL_MULTIPLE,
         regression_activation: str = "linear",
+        stage_blocks: Sequence[int] = STAGE_BLOCKS,
         **kwargs,
     ):
         check_regression_activation(regression_activation)
@@ -280,7 +287,8 @@ class SRCascade(keras.Model):
         self.segmenter = segmenter
         self.select = SelectChannels(channels, name="drop_background") if drop_background else None
         self.regressor = ResNet34Backbone(input_channels=channels, unit=unit, width=width,
-                                          channel_multiple=channel_multiple, name="regressor")
+                                          channel_multiple=channel_multiple, stage_blocks=stage_blocks,
+                                          name="regressor")
 
         # === Functional Model ===
         inputs = keras.Input(shape=segmenter.input.shape[1:], name="image")
@@ -299,6 +307,7 @@ class SRCascade(keras.Model):
         self.channel_multiple = channel_multiple
         self.drop_background = drop_background
         self.regression_activation = regression_activation
+        self.stage_blocks = tuple(stage_blocks)
         self.set_phase(phase)
         if not trainable:
             set_trainable(self, False)
@@ -321,6 +330,7 @@ class SRCascade(keras.Model):
             "unit": self.unit,
             "channel_multiple": self.channel_multiple,
             "regression_activation": self.regression_activation,
+            "stage_blocks": list(self.stage_blocks),
         }
 
     @classmethod

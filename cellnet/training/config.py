@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from cellnet.choices import STAIN_NORMS, is_torch_weights
+from cellnet.choices import RESNET34_BLOCKS, STAIN_NORMS, is_torch_weights
 from cellnet.errors import CellnetError, bad
 from cellnet.training.presets import preset
 
@@ -94,6 +94,9 @@ class NetworkConfig(RunConfig):
     lr_final: float | None = None
     width: float | None = None
     unit: str | None = None
+    #: Residual units per stage of the ResNet34s; None is ResNet34's (3, 4, 6, 3). Set by presets
+    #: only: the test suite's tiny ones use (1, 1, 1, 1).
+    stage_blocks: tuple[int, ...] | None = None
     #: Stain augmentation (``cellnet.data.augment.StainAugment``): ``stain_aug`` turns on its light
     #: defaults; each value set on its own overrides them, 0 disables one op.
     stain_aug: bool | None = None
@@ -114,8 +117,15 @@ class NetworkConfig(RunConfig):
             return None
         return {"defaults": bool(self.stain_aug), **given}
 
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        return tuple(self.stage_blocks or RESNET34_BLOCKS)
+
     def validate(self) -> None:
         super().validate()
+        if self.init.startswith("imagenet:") and self.blocks != RESNET34_BLOCKS:
+            raise CellnetError(f"--init {self.init}: ImageNet files are ResNet34s; this preset's network has "
+                               f"{list(self.blocks)} units per stage, not {list(RESNET34_BLOCKS)}")
         if self.init.startswith("imagenet:") and is_torch_weights(self.init) and self.unit != "torchvision":
             raise CellnetError(f"--init {self.init}: a torchvision/timm ResNet34 file needs --unit torchvision "
                                f"(not {self.unit}): its layers are conv -> BN -> activation")

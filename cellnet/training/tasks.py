@@ -137,7 +137,7 @@ def train_segmentation(cfg: SegmentationConfig) -> dict:
         preview = tf.cast(preview * 255.0, tf.uint8)
     stain_norm = _stain_norm(cfg, run, prepared)
     with strategy.scope():
-        backbone = ResNet34Backbone(unit=cfg.unit, width=cfg.width, name="backbone",
+        backbone = ResNet34Backbone(unit=cfg.unit, width=cfg.width, stage_blocks=cfg.blocks, name="backbone",
                                     input_norm="imagenet" if is_torch_weights(init_path) else "none")
         if init_path:
             load_backbone_weights(backbone, init_path)
@@ -196,7 +196,7 @@ def train_cellularity(cfg: CellularityConfig | CascadeConfig) -> dict:
     train_ds, val_ds, steps = _cellularity_data(cfg, prepared, stain)
     with strategy.scope():
         model = DirectCellularity(arch=cfg.arch, head=cfg.head, width=cfg.width, unit=cfg.unit,
-                                  regression_activation=cfg.regression_activation,
+                                  stage_blocks=cfg.blocks, regression_activation=cfg.regression_activation,
                                   input_norm="imagenet" if is_torch_weights(init_path) else "none",
                                   weights=init_path, name=f"{cfg.arch}_{cfg.head}")
         trainer = AugmentedTrainer(model, augment=cfg.augment_on == "device", seed=cfg.seed, stain=stain)
@@ -232,7 +232,7 @@ def train_cascade(cfg: CascadeConfig) -> dict:
         else:
             # ImageNet weights take 3 channels: the background map is dropped, as in the paper
             cascade = SRCascade(load_run_model(cfg.seg), width=cfg.width, unit=cfg.unit,
-                                regression_activation=cfg.regression_activation,
+                                stage_blocks=cfg.blocks, regression_activation=cfg.regression_activation,
                                 drop_background=init_path is not None, name="sr_cascade")
             if init_path:
                 from cellnet.models import load_backbone_weights
