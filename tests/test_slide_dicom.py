@@ -132,9 +132,11 @@ def test_dicom_slide_scores_match_the_same_pixels_as_tiff(regressor, slide_image
     scores = [float(r["cellularity"]) for r in dicom_rows]
     assert max(scores) - min(scores) > 1e-3  # the tiles differ, so matching them means something
 
-    # One instance of the slide names the slide: its folder is read.
+    # One instance of the slide names the slide: its folder is read, and names the outputs.
     summary = slide_map(regressor, folder / "level0.dcm", tmp_path / "one", batch_size=4, progress=False)
-    rows = read_rows(tmp_path / "one" / "level0_tiles.csv")
+    rows = read_rows(tmp_path / "one" / "case_dicom_tiles.csv")
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == [
+        "case_dicom.geojson", "case_dicom_heatmap.png", "case_dicom_tiles.csv"]
     assert summary["level"] == dicom_summary["level"]
     assert [r["cellularity"] for r in rows] == [r["cellularity"] for r in dicom_rows]
 

@@ -39,7 +39,7 @@ from cellnet.errors import CellnetError, bad
 from cellnet.files import atomic_path, writing
 from cellnet.serving.predict import ServedModel, load_served
 from cellnet.serving.slide import (
-    Tile, check_out_dir, open_slide, plan_slide, score_name, tile_row, unbatch, write_slide_outputs)
+    Tile, check_out_dir, open_slide, plan_slide, score_name, slide_stem, tile_row, unbatch, write_slide_outputs)
 
 #: The manifest's column of slide paths (relative ones are read from the manifest's folder).
 SLIDE_COLUMN = "slide"
@@ -88,10 +88,11 @@ def read_manifest(path: str | os.PathLike) -> list[Path]:
         slide = Path(value) if Path(value).is_absolute() else path.parent / value
         if not slide.exists():
             raise bad(path, f"line {line}: {slide}: no such slide")
-        if slide.stem in stems:  # the outputs are named after the stem: one would overwrite the other
-            raise bad(path, f"line {line}: {slide} has the same name as line {stems[slide.stem]} "
-                            f"({slide.stem}); its outputs would overwrite those")
-        stems[slide.stem] = line
+        stem = slide_stem(slide)
+        if stem in stems:  # the outputs are named after the stem: one would overwrite the other
+            raise bad(path, f"line {line}: {slide} has the same name as line {stems[stem]} "
+                            f"({stem}); its outputs would overwrite those")
+        stems[stem] = line
         slides.append(slide)
     if not slides:
         raise bad(path, "lists no slides")

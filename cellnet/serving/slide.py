@@ -9,7 +9,7 @@ level-0 pixels, read from the coarsest level that still has that resolution and 
 mask (Otsu threshold on saturation: stained tissue is coloured, glass is white or grey) covers
 at least ``MIN_TISSUE`` of them, and go through the exported SavedModel in batches.
 
-Writes, into the output folder, for a slide ``<stem>``:
+Writes, into the output folder, for a slide ``<stem>`` (the file's stem; a DICOM slide's folder name):
 
 - ``<stem>_tiles.csv``: one row per tissue tile (level-0 box, tissue share, scores);
 - ``<stem>_heatmap.png``: the tile scores coloured over the thumbnail;
@@ -205,6 +205,15 @@ def open_slide(path: str | os.PathLike) -> Slide:
         return slide
     except Exception as exc:  # any reader failure is the file's problem, reported in one line
         raise bad(path, f"cannot be read as a whole-slide image ({type(exc).__name__}: {str(exc)[:100]})") from None
+
+
+def slide_stem(path: str | os.PathLike) -> str:
+    """The name a slide's outputs start with: the file's stem, or for DICOM its folder's name.
+
+    A DICOM WSI is its folder (one instance per level), so ``slide/level0.dcm`` names ``slide``.
+    """
+    path = Path(path)
+    return path.parent.name if path.is_file() and is_dicom(path) else path.stem
 
 
 def read_thumbnail(slide: Slide, path: Path) -> np.ndarray:
@@ -443,7 +452,7 @@ def check_out_dir(out_dir: Path) -> None:
 def write_slide_outputs(plan: SlidePlan, rows: list[dict], nuclei: list[tuple[float, float, float]],
                         out_dir: Path) -> dict[str, Path]:
     """The tile CSV, heatmap (and uncertainty map) and GeoJSON of a predicted slide, together."""
-    stem, name = plan.path.stem, score_name(rows[0])
+    stem, name = slide_stem(plan.path), score_name(rows[0])
     values = np.array([row[name] for row in rows])
     paths = {"csv": out_dir / f"{stem}_tiles.csv", "heatmap": out_dir / f"{stem}_heatmap.png",
              "geojson": out_dir / f"{stem}.geojson"}
