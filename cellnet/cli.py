@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CSV with a 'slide' column of paths (relative ones from the manifest's folder)")
     p.add_argument("--out", required=True, help="folder for each slide's outputs and cohort.csv")
     p.add_argument("--runner", default="DirectRunner", choices=BEAM_RUNNERS)
-    p.add_argument("--batch-size", type=int, default=16, help="most tiles per RunInference batch")
+    p.add_argument("--batch-size", type=int, default=16, help="tiles per RunInference batch (default 16)")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("bench", help="throughput: tf.data, training step, SavedModel, features")

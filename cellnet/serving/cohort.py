@@ -144,7 +144,8 @@ def model_handler(model_dir: str, batch_size: int):
         def load_model(self) -> ServedModel:
             return load_served(model_dir)
 
-    return CellnetModelHandler(model_dir, inference_fn=infer, min_batch_size=1, max_batch_size=batch_size)
+    # fixed batches (Beam would otherwise start at 1 tile and grow): the last of a bundle may be smaller
+    return CellnetModelHandler(model_dir, inference_fn=infer, min_batch_size=batch_size, max_batch_size=batch_size)
 
 
 def tile_result(element) -> tuple[str, tuple[int, dict, list, float]]:
