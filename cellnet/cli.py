@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for each slide's outputs and cohort.csv")
     p.add_argument("--runner", default="DirectRunner", choices=BEAM_RUNNERS)
     p.add_argument("--batch-size", type=int, default=16, help="tiles per RunInference batch (default 16)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no line per finished slide")
 
     p = sub.add_parser("bench", help="throughput: tf.data, training step, SavedModel, features")
     p.add_argument("--out", required=True, help="FILE.json")
@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "cohort":
         from cellnet.serving.cohort import cohort
         summary = cohort(args.model, args.slides, args.out, runner=args.runner, beam_args=args.beam_args,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, progress=not quiet)
         print(f"wrote {args.out}: {_summary_line(summary)}")
     elif args.command == "bench":
         from cellnet.bench import bench

@@ -61,12 +61,14 @@ def slides(tmp_path_factory, slide_image) -> Path:
     return root
 
 
-def test_cohort_writes_what_slide_writes_for_every_slide(cascade, slides, tmp_path):
+def test_cohort_writes_what_slide_writes_for_every_slide(cascade, slides, tmp_path, capsys):
     _, saved = cascade
     out = tmp_path / "cohort"
     # a Beam option after cellnet's goes through to the runner
     assert main(["cohort", "--model", str(saved), "--slides", str(slides / "manifest.csv"), "--out", str(out),
-                 "--batch-size", "3", "--quiet", "--direct_num_workers=1"]) == 0
+                 "--batch-size", "3", "--direct_num_workers=1"]) == 0
+    finished = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cohort: ")]
+    assert len(finished) == 3 and all(" tiles, mean cellularity " in line for line in finished)
 
     cohort_rows = read_rows(out / "cohort.csv")
     assert [Path(r["slide"]).stem for r in cohort_rows] == ["forty", "twenty", "plain"]  # the manifest's order

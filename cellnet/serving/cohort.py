@@ -28,6 +28,7 @@ import csv
 import io
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -157,8 +158,13 @@ def tile_result(element) -> tuple[str, tuple[int, dict, list, float]]:
     return ref.slide, (ref.index, row, nuclei, seconds)
 
 
-def finish_slide(item, out_dir: str, patch: int | None) -> dict:
-    """Write one slide's outputs (as ``cellnet slide``) and return its cohort row."""
+def finish_slide(item, out_dir: str, patch: int | None, progress: bool = False) -> dict:
+    """Write one slide's outputs (as ``cellnet slide``) and return its cohort row.
+
+    The slide is planned again here (its thumbnail re-read) rather than carried through the
+    pipeline: a thumbnail is megabytes, a shuffle should carry only the tiles' rows.
+    With ``progress`` a line per finished slide goes to stderr (Beam has no progress bar).
+    """
     slide, results = item
     results = sorted(results, key=lambda r: r[0])
     start = time.perf_counter()
@@ -172,6 +178,9 @@ def finish_slide(item, out_dir: str, patch: int | None) -> dict:
     values = np.array([row[name] for row in rows])
     tissue = np.array([row["tissue"] for row in rows])
     seconds = sum(s for *_, s in results) + time.perf_counter() - start
+    if progress:
+        print(f"cohort: {slide}: {len(rows)} tiles, mean {name} {values.mean():.3f}, {seconds:.1f} s",
+              file=sys.stderr, flush=True)
     return {"slide": slide, "tiles": len(rows), f"mean_{name}": round(float(values.mean()), 6),
             f"tissue_weighted_{name}": round(float((values * tissue).sum() / tissue.sum()), 6),
             "nuclei": len(nuclei) if "malignant_nuclei" in rows[0] else "",
@@ -254,7 +263,8 @@ def pipeline_options(runner: str, beam_args: Sequence[str]):
 
 
 def cohort(model_dir: str | os.PathLike, manifest: str | os.PathLike, out_dir: str | os.PathLike,
-           runner: str = "DirectRunner", beam_args: Sequence[str] = (), batch_size: int = 16) -> dict:
+           runner: str = "DirectRunner", beam_args: Sequence[str] = (), batch_size: int = 16,
+           progress: bool = False) -> dict:
     """Score every slide of ``manifest`` with a Beam pipeline; write per-slide outputs and cohort.csv.
 
     Everything a user can get wrong (manifest, slides, model, output folder, options) is checked
@@ -284,7 +294,7 @@ def cohort(model_dir: str | os.PathLike, manifest: str | os.PathLike, out_dir: s
              | "Predict" >> RunInference(KeyedModelHandler(model_handler(path, batch_size)))
              | "TileRows" >> beam.Map(tile_result)
              | "BySlide" >> beam.GroupByKey()
-             | "WriteSlide" >> beam.Map(finish_slide, folder, patch)
+             | "WriteSlide" >> beam.Map(finish_slide, folder, patch, progress)
              | "AllSlides" >> beam.combiners.ToList()
              | "WriteCohort" >> beam.Map(write_cohort, folder, names))
     except Exception as exc:  # a runner wraps what failed inside it; cellnet's own errors stay one line
