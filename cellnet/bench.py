@@ -266,7 +266,8 @@ def feature_flops(height: int, width: int) -> float:
 
     The LoG scale space, which is the arithmetic: per cell channel one forward and one inverse
     real 2-D FFT per sigma of the mirror-padded plane at the usual 2.5 n log2(n) for n points,
-    and the transfer products (2 per complex bin). The comparisons, pooling and sums are memory
+    and the transfer products (2 per complex bin). Two planes share one complex FFT, which does
+    the same arithmetic as their two real ones. The comparisons, pooling and sums are memory
     traffic, not counted. (``graph_flops`` would count none of the FFTs.)
     """
     from cellnet.classes import CELL_CLASSES

@@ -21,12 +21,14 @@ t >= 0.16).
 
 How (CPU cost in mind, same values as the direct convolution to float32 rounding):
 
-- the scale space is one FFT of the mirror-padded planes, then per sigma a product with the
-  separable LoG transfer function and an inverse FFT (no per-tap convolution passes);
-- peaks: a dense max over (sigma, y) neighbours, candidates equal to it, then the x neighbours
-  of those few candidates, gathered;
-- each peak falls in one level (how many blob thresholds its response exceeds): one segment sum
-  per plane and level, and reverse cumulative sums give every threshold.
+- the scale space is one complex FFT per two mirror-padded planes (one the real part, one the
+  imaginary), then per sigma a product with the separable LoG transfer function and an inverse
+  FFT (no per-tap convolution passes);
+- peaks: a dense max over (sigma, y) neighbours, floored at the lowest threshold, candidates
+  equal to it, then the x neighbours of those few candidates, gathered;
+- each pixel (area thresholds) and each peak (blob thresholds) falls in one level, how many
+  thresholds it exceeds: one count and one sum per plane and level, and reverse cumulative sums
+  give every threshold.
 
 Everything is batched (no loop over images) and shape-agnostic, so the function runs inside a
 ``tf.function`` with unknown batch size and map size, and inside the exported SavedModel (plain
@@ -91,42 +93,64 @@ def _centred_dft(kernel: np.ndarray, length: tf.Tensor, bins: tf.Tensor) -> tf.T
     return tf.linalg.matvec(tf.cos(phase), kernel)
 
 
-def log_scale_space(planes: tf.Tensor) -> list[tf.Tensor]:
-    """``-sigma^2 * LoG`` of every plane, one (P, H, W) tensor per sigma in ``LOG_SIGMAS``.
+def _pair_plane(index: tf.Tensor, pairs_shape: tf.Tensor) -> tf.Tensor:
+    """Flat indices into (Q, H, W, 2) pairs -> the plane (0..2Q-1) each belongs to."""
+    half, per_pair = pairs_shape[0], pairs_shape[1] * pairs_shape[2] * 2
+    return (index % 2) * half + index // per_pair
 
-    One FFT of the mirror-padded planes, then per sigma a product with the separable transfer
-    function ``-sigma^2 (G_y G''_x + G''_y G_x)`` and an inverse FFT. The padding (``MAX_RADIUS``,
-    SciPy's ``reflect``) covers the widest kernel, so the circular convolution equals the
-    mirrored one on the crop. One tensor per sigma rather than one stacked tensor: measured about
-    twice as fast on CPU (16 maps of 256x256), the 4x larger buffers being slow to allocate.
+
+def log_scale_space(planes: tf.Tensor) -> list[tf.Tensor]:
+    """``-sigma^2 * LoG`` of (P, H, W) planes, as pairs: one (Q, H, W, 2) tensor per sigma.
+
+    Q = ceil(P / 2); ``[q, ..., 0]`` is plane q and ``[q, ..., 1]`` plane Q + q (for odd P the
+    last one is a copy of plane P - 1, to be ignored). Two real planes make one complex plane
+    (real and imaginary parts), so one complex FFT of the mirror-padded pair, then per sigma a
+    product with the separable transfer function ``-sigma^2 (G_y G''_x + G''_y G_x)`` and an
+    inverse FFT serve both: the kernel is real, so the inverse's real part is the first plane's
+    LoG and its imaginary part the second's (half the transforms of one real FFT per plane). The
+    padding (``MAX_RADIUS``, SciPy's ``reflect``) covers the widest kernel, so the circular
+    convolution equals the mirrored one on the crop. One tensor per sigma rather than one
+    stacked tensor: measured about twice as fast on CPU (16 maps of 256x256), the 4x larger
+    buffers being slow to allocate.
     """
     shape = tf.shape(planes)
-    h, w = shape[1], shape[2]
-    r = MAX_RADIUS
-    padded = tf.pad(planes, [[0, 0], [r, r], [r, r]], mode="SYMMETRIC")
+    count, h, w = shape[0], shape[1], shape[2]
+    half, r = (count + 1) // 2, MAX_RADIUS
+    # the extra plane for odd P comes from the same mirror padding (a copy of the last plane)
+    padded = tf.pad(planes, [[0, 2 * half - count], [r, r], [r, r]], mode="SYMMETRIC")
     length_y, length_x = h + 2 * r, w + 2 * r
-    spectrum = tf.signal.rfft2d(padded)
+    spectrum = tf.signal.fft2d(tf.complex(padded[:half], padded[half:]))
+    # a real factor scales both parts of a bin: multiply the float view, (Q, Ly, 2 Lx)
+    spectrum = tf.reshape(tf.bitcast(spectrum, tf.float32), [half, length_y, 2 * length_x])
     space = []
     for sigma, (g, g2) in zip(LOG_SIGMAS, _KERNELS):
         g_y, g2_y = _centred_dft(g, length_y, length_y), _centred_dft(g2, length_y, length_y)
-        g_x, g2_x = (_centred_dft(g, length_x, length_x // 2 + 1),
-                     _centred_dft(g2, length_x, length_x // 2 + 1))
+        g_x, g2_x = _centred_dft(g, length_x, length_x), _centred_dft(g2, length_x, length_x)
         transfer = -(sigma**2) * (g_y[:, None] * g2_x[None, :] + g2_y[:, None] * g_x[None, :])
-        filtered = tf.signal.irfft2d(spectrum * tf.complex(tf.cast(transfer, tf.float32), 0.0),
-                                     fft_length=[length_y, length_x])
-        space.append(filtered[:, r:r + h, r:r + w])
+        transfer = tf.repeat(tf.cast(transfer, tf.float32), 2, axis=1)  # each bin's two parts
+        product = tf.reshape(spectrum * transfer, [half, length_y, length_x, 2])
+        filtered = tf.bitcast(tf.signal.ifft2d(tf.bitcast(product, tf.complex64)), tf.float32)
+        space.append(filtered[:, r:r + h, r:r + w, :])
     return space
 
 
-def _scale_y_max(space: list[tf.Tensor]) -> list[tf.Tensor]:
-    """Per sigma, the max over (sigma - 1..sigma + 1) x (y - 1..y + 1) at the same x.
+#: Scale-space points must exceed the lowest blob threshold: the smallest float32 above it.
+_PEAK_FLOOR = float(np.nextafter(np.float32(min(THRESHOLDS_BLOB)), np.float32(np.inf)))
 
-    The y max is a (3, 1) max-pool with x as the channel axis (vectorised; pooling planes with a
-    single channel is tens of times slower on CPU); the edge sigmas see one neighbour and the
-    edge rows two, like SciPy's ``maximum_filter(mode="nearest")``.
+
+def _scale_y_max(space: list[tf.Tensor]) -> list[tf.Tensor]:
+    """Per sigma, ``max(_PEAK_FLOOR, max over (sigma - 1..sigma + 1) x (y - 1..y + 1))`` at each x.
+
+    The y max is a (3, 1) max-pool with (x, pair) as the channel axis (vectorised; pooling planes
+    with a single channel is tens of times slower on CPU); the edge sigmas see one neighbour and
+    the edge rows two, like SciPy's ``maximum_filter(mode="nearest")``. The floor makes "equal to
+    the box" also mean "above the threshold": one comparison instead of two and a logical and.
     """
-    pooled = [tf.reshape(tf.nn.max_pool2d(tf.expand_dims(s, 2), ksize=(3, 1), strides=1,
-                                          padding="SAME"), tf.shape(s)) for s in space]
+    shape = tf.shape(space[0])
+    channels = [shape[0], shape[1], 1, shape[2] * shape[3]]
+    pooled = [tf.maximum(tf.reshape(tf.nn.max_pool2d(tf.reshape(s, channels), ksize=(3, 1), strides=1,
+                                                       padding="SAME"), shape), _PEAK_FLOOR)
+              for s in space]
     pairs = [tf.maximum(a, b) for a, b in zip(pooled[:-1], pooled[1:])]
     inner = [tf.maximum(pair, above) for pair, above in zip(pairs[:-1], pooled[2:])]
     return [pairs[0], *inner, pairs[-1]]
@@ -135,23 +159,22 @@ def _scale_y_max(space: list[tf.Tensor]) -> list[tf.Tensor]:
 def scale_space_peaks(space: list[tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
     """Points above ``min(THRESHOLDS_BLOB)`` equal to the max of their 3x3x3 (y, x, sigma) box.
 
-    space: ``log_scale_space`` output. Returns (K,) int64 flat indices into the (P, H, W) planes
-    and (K,) float32 responses; a pixel that peaks at two sigmas is listed twice, ties are all
-    kept. Dense: the (sigma, y) max, and candidates equal to it; sparse: the x neighbours of the
-    candidates (a few percent of the points), gathered, where a dense x max would need a shifted
-    copy of every plane.
+    space: ``log_scale_space`` output. Returns (K,) int64 flat indices into its (Q, H, W, 2)
+    pairs and (K,) float32 responses; a pixel that peaks at two sigmas is listed twice, ties are
+    all kept. Dense: the (sigma, y) max, and candidates equal to it; sparse: the x neighbours of
+    the candidates (a few percent of the points; two flat places apart, the pair axis being
+    last), gathered, where a dense x max would need a shifted copy of every plane.
     """
     shape = tf.shape(space[0], out_type=tf.int64)
     w, size = shape[2], tf.reduce_prod(shape)
     indices, responses, peaks = [], [], []
     for response, box in zip(space, _scale_y_max(space)):
-        candidate = tf.logical_and(tf.equal(response, box), response > min(THRESHOLDS_BLOB))
-        index = tf.where(tf.reshape(candidate, [-1]))[:, 0]
+        index = tf.where(tf.reshape(tf.equal(response, box), [-1]))[:, 0]
         value = tf.gather(tf.reshape(response, [-1]), index)
         flat_box = tf.reshape(box, [-1])
-        x = index % w
-        left = tf.gather(flat_box, tf.maximum(index - 1, 0))
-        right = tf.gather(flat_box, tf.minimum(index + 1, size - 1))
+        x = index // 2 % w
+        left = tf.gather(flat_box, tf.maximum(index - 2, 0))
+        right = tf.gather(flat_box, tf.minimum(index + 2, size - 1))
         peaks.append(tf.logical_and(tf.logical_or(x == 0, value >= left),
                                     tf.logical_or(x == w - 1, value >= right)))
         indices.append(index)
@@ -172,37 +195,67 @@ def _check_maps(maps: tf.Tensor) -> None:
                 f"got {shape}")
 
 
+def _level_sums(values: tf.Tensor, level: tf.Tensor, plane: tf.Tensor, planes: tf.Tensor,
+                levels: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Count and sum of ``values`` per (plane, level), then summed over the levels at or above.
+
+    ``plane`` broadcasts against ``level``. Returns (planes, levels) float32 each: column k is
+    the count (sum) of the values whose level is >= k.
+    """
+    segment = plane * levels + level
+    count = planes * levels
+    counts = tf.math.bincount(segment, minlength=count, maxlength=count, dtype=tf.float32)
+    # bincount adds each bin's values one after another: in float64, to keep float32 sums' accuracy
+    sums = tf.cast(tf.math.bincount(segment, weights=tf.cast(values, tf.float64), minlength=count,
+                                    maxlength=count), tf.float32)
+    return (tf.cumsum(tf.reshape(counts, [-1, levels]), axis=1, reverse=True),
+            tf.cumsum(tf.reshape(sums, [-1, levels]), axis=1, reverse=True))
+
+
+def _threshold_level(values: tf.Tensor, thresholds: tuple[float, ...]) -> tf.Tensor:
+    """How many of ``thresholds`` each value exceeds (strictly, like ``value > t``): int32, same shape."""
+    level = tf.searchsorted(tf.constant(thresholds, tf.float32), tf.reshape(values, [-1]),
+                            side="left", out_type=tf.int32)
+    return tf.reshape(level, tf.shape(values))
+
+
 def _threshold_features(planes: tf.Tensor) -> list[tf.Tensor]:
-    """Total activation, then area and activation above each area threshold: (P,) each."""
+    """Total activation, then area and activation above each area threshold: (P,) each.
+
+    Each pixel falls in one level (how many area thresholds it exceeds): one count and one sum
+    per plane and level, and reverse cumulative sums give every threshold (two passes over the
+    maps instead of two per threshold).
+    """
+    count = tf.shape(planes)[0]
+    values = tf.reshape(planes, [count, -1])
+    counts, sums = _level_sums(values, _threshold_level(values, THRESHOLDS_AREA),
+                               tf.range(count)[:, None], count, len(THRESHOLDS_AREA) + 1)
     columns = [tf.reduce_sum(planes, axis=[1, 2])]
-    for t in THRESHOLDS_AREA:
-        above = planes > t
-        columns.append(tf.reduce_sum(tf.cast(above, tf.float32), axis=[1, 2]))
-        columns.append(tf.reduce_sum(tf.where(above, planes, 0.0), axis=[1, 2]))
+    for k in range(1, len(THRESHOLDS_AREA) + 1):
+        columns += [counts[:, k], sums[:, k]]
     return columns
 
 
 def _blob_features(planes: tf.Tensor) -> list[tf.Tensor]:
     """Blob count and centre activation above each blob threshold: (P,) each.
 
-    Each peak falls in one level, the number of thresholds below its response (strictly, like
-    ``response > t``); one segment sum per plane and level, then reverse cumulative sums over the
-    levels give every threshold.
+    Each peak falls in one level, the number of thresholds below its response; one count and sum
+    per plane and level, then reverse cumulative sums over the levels give every threshold.
     """
-    index, response = scale_space_peaks(log_scale_space(planes))
-    shape = tf.shape(planes, out_type=tf.int64)
-    levels = len(THRESHOLDS_BLOB) + 1
-    level = tf.searchsorted(tf.constant(THRESHOLDS_BLOB, tf.float32), response, side="left",
-                            out_type=tf.int64)
-    segment = index // (shape[1] * shape[2]) * levels + level
-    centre_value = tf.gather(tf.reshape(planes, [-1]), index)
-    counts, sums = (
-        tf.cumsum(tf.reshape(tf.math.unsorted_segment_sum(per_blob, segment, shape[0] * levels),
-                             [-1, levels]), axis=1, reverse=True)
-        for per_blob in (tf.ones_like(response), centre_value))
+    space = log_scale_space(planes)
+    index, response = scale_space_peaks(space)
+    pairs_shape = tf.shape(space[0], out_type=tf.int64)
+    plane, area = _pair_plane(index, pairs_shape), pairs_shape[1] * pairs_shape[2]
+    count = tf.shape(planes)[0]
+    # the copy plane of odd P reads plane P - 1 (its row is dropped below)
+    source = tf.minimum(plane, tf.cast(count, tf.int64) - 1) * area + index // 2 % area
+    centre_value = tf.gather(tf.reshape(planes, [-1]), source)
+    counts, sums = _level_sums(centre_value, _threshold_level(response, THRESHOLDS_BLOB),
+                               tf.cast(plane, tf.int32), 2 * tf.cast(pairs_shape[0], tf.int32),
+                               len(THRESHOLDS_BLOB) + 1)
     columns = []
-    for k in range(1, levels):
-        columns += [counts[:, k], sums[:, k]]
+    for k in range(1, len(THRESHOLDS_BLOB) + 1):
+        columns += [counts[:count, k], sums[:count, k]]  # without the copy plane's row
     return columns
 
 
