@@ -2,8 +2,9 @@
 
 - tf.data images/s of both pipelines (with CPU augmentation and without) against the images/s
   the training step consumes — is the input pipeline the bottleneck?
-- SavedModel inference patches/s at batch 1, 8 and 32 (and at 1 and 8 with ``--xla``) and the GFLOP/s it achieves, against the
-  machine's measured float32 matmul GFLOP/s (how close to the hardware the served model runs;
+- SavedModel inference patches/s at batch 1, 8 and 32 (and at 1 and 8 with ``--xla``, and at
+  batch 1 from one concurrent client per core, one thread per op) and the GFLOP/s it achieves,
+  against the machine's measured float32 matmul GFLOP/s (how close to the hardware the served model runs;
   the better of a matmul run first and one last, the cores being shared);
   the same at batch 1 and 8 for the paper-size FPN segmenter, and its bfloat16 export's speed-up
   where the CPU computes bf16 natively (else "not supported here");
@@ -23,7 +24,10 @@ import json
 import math
 import os
 import platform
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -160,6 +164,12 @@ def bench_savedmodel(batches: tuple[int, ...], repeats: int) -> dict:
             rate = _rate(lambda: served(images=x), b, max(1, repeats // b), warmup=1)
             out[f"savedmodel_batch{b}_patches_per_s"] = rate
             out[f"savedmodel_batch{b}_gflops"] = rate * flops / 1e9
+        # batch-1 traffic served as a server meets it: one client per core, one thread per op
+        clients = os.cpu_count() or 1
+        rate = concurrent_rate(path, batch=1, clients=clients, calls=max(4, repeats // clients))
+        out["savedmodel_batch1_concurrent_clients"] = clients
+        out["savedmodel_batch1_concurrent_patches_per_s"] = rate
+        out["savedmodel_batch1_concurrent_gflops"] = rate * flops / 1e9
         # the same export compiled with XLA (--xla): small batches gain most; the first call of
         # each batch size compiles (timed apart, as a server's warm-up)
         compiled = tf.saved_model.load(str(export_run(run, Path(tmp) / "export_xla", version=1, xla=True)))
@@ -173,6 +183,49 @@ def bench_savedmodel(batches: tuple[int, ...], repeats: int) -> dict:
             out[f"savedmodel_xla_batch{b}_patches_per_s"] = rate
             out[f"savedmodel_xla_batch{b}_gflops"] = rate * flops / 1e9
     return out
+
+
+def concurrent_rate(path: str | os.PathLike, batch: int, clients: int, calls: int, intra_op: int = 1) -> float:
+    """Patches/s of ``clients`` threads each calling the SavedModel ``calls`` times at once.
+
+    Measured in a fresh process, because TF fixes its thread pools when it starts: ``intra_op``
+    threads per op (1: each request keeps to one core, as TF Serving's
+    ``--tensorflow_intra_op_parallelism=1``) and one inter-op thread per client. Small batches
+    leave most of a multi-threaded op's cores idle (measured: a width-0.25 ResNet34 at batch 1 is
+    no faster with 2 intra-op threads than with 1), so concurrent requests fill them instead.
+    """
+    command = [sys.executable, "-m", "cellnet.bench", "--concurrent", str(path), str(batch),
+               str(clients), str(calls), str(intra_op)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        from cellnet.errors import CellnetError
+        raise CellnetError(f"bench: the concurrent-serving measurement failed: "
+                           f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def _serve_concurrently(path: str, batch: int, clients: int, calls: int, intra_op: int) -> float:
+    """The child process of :func:`concurrent_rate`: set the thread pools, load, warm up, time."""
+    from cellnet.serving.predict import load_served
+
+    tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+    tf.config.threading.set_inter_op_parallelism_threads(clients)
+    served = load_served(path)
+    size = served.patch_size or 512
+    x = np.random.default_rng(0).integers(0, 255, (batch, size, size, 3), dtype=np.uint8)
+    served(x)
+
+    def client() -> None:
+        for _ in range(calls):
+            served(x)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return batch * calls * clients / (time.perf_counter() - start)
 
 
 def bench_savedmodel_fpn(batches: tuple[int, ...], repeats: int, width: float | None = None,
@@ -576,3 +629,8 @@ def format_table(results: dict) -> str:
             v = ", ".join(f"{x:.1f}" for x in v)
         lines.append(f"{k:<{width}}  {v:>10.3f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     return "\n".join(lines)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--concurrent"]:  # concurrent_rate's child
+    _path, _batch, _clients, _calls, _intra = sys.argv[2:7]
+    print(_serve_concurrently(_path, int(_batch), int(_clients), int(_calls), int(_intra)))

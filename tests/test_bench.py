@@ -7,8 +7,9 @@ import json
 import pytest
 import tensorflow as tf
 
-from cellnet.bench import (bench_features, bench_savedmodel_fpn, format_table, fractions_of_matmul,
-                           machine_info)
+from cellnet.bench import (bench_features, bench_savedmodel_fpn, concurrent_rate, format_table,
+                           fractions_of_matmul, machine_info)
+from cellnet.errors import CellnetError
 from cellnet.machine import SIMD
 from conftest import TINY_BLOCKS
 
@@ -39,6 +40,18 @@ def test_fpn_savedmodel_keys_and_fractions_of_matmul():
     assert fractions == {
         "savedmodel_batch8_fraction_of_matmul": 0.5,
         "savedmodel_fpn_paper_batch1_fraction_of_matmul": out["savedmodel_fpn_paper_batch1_gflops"] / 100}
+
+
+def test_concurrent_clients_are_timed_in_a_fresh_process(tmp_path):
+    from cellnet.models import DirectCellularity
+    from cellnet.serving.export import export_model
+
+    model = DirectCellularity("resnet34", "regression", input_shape=(32, 32, 3), width=0.125,
+                              stage_blocks=TINY_BLOCKS)
+    path = export_model(model, "regression", tmp_path / "direct" / "1", {"run": "test"})
+    assert concurrent_rate(path, batch=1, clients=2, calls=2) > 0
+    with pytest.raises(CellnetError, match="concurrent-serving measurement failed: .*no_such"):
+        concurrent_rate(tmp_path / "no_such", batch=1, clients=2, calls=2)
 
 
 def test_table_prints_the_cpu_and_every_key():
