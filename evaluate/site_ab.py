@@ -1,6 +1,6 @@
 """Leave-one-site-out A/B of segmentation training choices on BRCA-M2C (developer measurement).
 
-``python -m evaluate.site_ab --src ../shared/real/brca-m2c --work /tmp/loso --epochs 30``
+``python -m evaluate.site_ab --src ../shared/real/brca-m2c --work /tmp/loso --epochs 30 --seeds 0 1 2``
 
 Each fold holds out one TCGA tissue-source site (A7, A8, AC: characters 6-7 of the barcode)
 and trains on the other two, so no site or patient is on both sides. The run's own validation
@@ -149,7 +149,8 @@ def main() -> None:
     parser.add_argument("--src", default="../shared/real/brca-m2c")
     parser.add_argument("--work", default="/tmp/loso")
     parser.add_argument("--epochs", type=int, help="override the preset's epochs")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="train every variant once per seed; the summary averages over folds and seeds")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--rescore", action="store_true", help="score finished runs again (no training)")
     parser.add_argument("--results", default="results.json", help="file under --work to keep the figures in")
@@ -161,7 +162,7 @@ def main() -> None:
     if args.one:
         prepared, run, spec, reference = args.one
         if not (Path(run) / "best.keras").is_file():
-            train_one(Path(prepared), Path(run), json.loads(spec), args.epochs, args.seed)
+            train_one(Path(prepared), Path(run), json.loads(spec), args.epochs, args.seeds[0])
         print(json.dumps(score(Path(run), Path(reference), imported)))
         return
     if not imported.is_dir():
@@ -173,32 +174,61 @@ def main() -> None:
         fold = work / f"fold_{site}"
         data, heldout = make_fold(imported, fold, site)
         for variant in args.variants:
-            key = f"{site}/{variant}"
-            if key in results:
-                continue
-            spec = VARIANTS[variant]
-            disc = spec.get("disc", REFERENCE_DISC)
-            prepared = fold / f"prepared_d{disc:g}"
-            reference = fold / "heldout_prepared"
-            for source, path, d in ((data, prepared, disc), (heldout, reference, REFERENCE_DISC)):
-                if not (path / "manifest.json").is_file():
-                    subprocess.run([sys.executable, "-m", "cellnet.cli", "prepare", "--data", str(source),
-                                    "--out", str(path), "--disc", str(d), "--quiet"], check=True)
-            run = fold / "runs" / f"{variant}_e{args.epochs or 'preset'}_s{args.seed}"
-            epochs = ["--epochs", str(args.epochs)] if args.epochs else []
-            done = subprocess.run([sys.executable, "-m", "evaluate.site_ab", "--work", str(work), *epochs,
-                                   "--seed", str(args.seed), "--one",
-                                   str(prepared), str(run), json.dumps(spec), str(reference)],
-                                  check=True, capture_output=True, text=True)
-            results[key] = json.loads(done.stdout.strip().splitlines()[-1])
-            results_path.write_text(json.dumps(results, indent=2))
-            print(key, results[key], flush=True)
+            for seed in args.seeds:
+                name = run_name(variant, args.epochs, seed)
+                key = f"{site}/{name}"
+                if key in results:
+                    continue
+                spec = VARIANTS[variant]
+                disc = spec.get("disc", REFERENCE_DISC)
+                prepared = fold / f"prepared_d{disc:g}"
+                reference = fold / "heldout_prepared"
+                for source, path, d in ((data, prepared, disc), (heldout, reference, REFERENCE_DISC)):
+                    if not (path / "manifest.json").is_file():
+                        subprocess.run([sys.executable, "-m", "cellnet.cli", "prepare", "--data", str(source),
+                                        "--out", str(path), "--disc", str(d), "--quiet"], check=True)
+                epochs = ["--epochs", str(args.epochs)] if args.epochs else []
+                done = subprocess.run([sys.executable, "-m", "evaluate.site_ab", "--work", str(work), *epochs,
+                                       "--seeds", str(seed), "--one",
+                                       str(prepared), str(fold / "runs" / name), json.dumps(spec), str(reference)],
+                                      check=True, capture_output=True, text=True)
+                results[key] = json.loads(done.stdout.strip().splitlines()[-1])
+                results_path.write_text(json.dumps(results, indent=2))
+                print(key, results[key], flush=True)
     for variant in args.variants:
-        rows = [results[f"{s}/{variant}"] for s in SITES if f"{s}/{variant}" in results]
-        if rows:
-            mean = {k: round(float(np.mean([r[k] for r in rows])), 3) for k in rows[0]}
-            print(variant, "mean over", len(rows), "folds:", mean)
+        print(summary(results, variant, args.epochs, args.seeds))
 
+
+def run_name(variant: str, epochs: int | None, seed: int) -> str:
+    """A variant's run folder under ``fold_<site>/runs`` and its key in the results file."""
+    return f"{variant}_e{epochs or 'preset'}_s{seed}"
+
+
+def summary(results: dict, variant: str, epochs: int | None, seeds: list[int]) -> str:
+    """Per fold the mean over seeds, then the mean over folds, and the spread of the seeds' means."""
+    lines = [f"{variant}, epochs {epochs or 'preset'}, seeds {' '.join(map(str, seeds))}:"]
+    per_seed = {}
+    for seed in seeds:
+        rows = [results.get(f"{site}/{run_name(variant, epochs, seed)}") for site in SITES]
+        if all(rows):
+            per_seed[seed] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    for site in SITES:
+        rows = [results[k] for k in (f"{site}/{run_name(variant, epochs, s)}" for s in seeds) if k in results]
+        if rows:
+            lines.append(f"  {site} held out: " + _figures(rows))
+    if per_seed:
+        means = list(per_seed.values())
+        spread = {k: float(np.std([m[k] for m in means])) for k in means[0]}
+        lines.append(f"  mean over folds ({len(means)} seed(s) complete): " + _figures(means)
+                     + "  (std over seeds: J " + f"{spread['jaccard_malignant']:.3f} / {spread['jaccard_lymphocyte']:.3f})")
+    return "\n".join(lines)
+
+
+def _figures(rows: list[dict]) -> str:
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in ("jaccard_malignant", "jaccard_lymphocyte",
+                                                              "f1_malignant", "f1_lymphocyte")}
+    return (f"J mal / lym {mean['jaccard_malignant']:.3f} / {mean['jaccard_lymphocyte']:.3f}, "
+            f"F1 {mean['f1_malignant']:.3f} / {mean['f1_lymphocyte']:.3f}")
 
 if __name__ == "__main__":
     main()
