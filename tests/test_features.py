@@ -214,3 +214,7 @@ def test_feature_frame():
     assert frame["normal_area@0.02"].tolist() == [1.0, 82.0]
     with pytest.raises(CellnetError, match="features"):
         feature_frame(values[:, :80])
+
+
+def test_empty_batch_gives_no_rows():
+    assert extract_features(np.zeros((0, 40, 33, 4), np.float32)).shape == (0, 81)
