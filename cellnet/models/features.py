@@ -195,19 +195,19 @@ def _check_maps(maps: tf.Tensor) -> None:
                 f"got {shape}")
 
 
-def _level_sums(values: tf.Tensor, level: tf.Tensor, plane: tf.Tensor, planes: tf.Tensor,
+def _level_sums(values: tf.Tensor, level: tf.Tensor, plane: tf.Tensor, plane_count: tf.Tensor,
                 levels: int) -> tuple[tf.Tensor, tf.Tensor]:
     """Count and sum of ``values`` per (plane, level), then summed over the levels at or above.
 
-    ``plane`` broadcasts against ``level``. Returns (planes, levels) float32 each: column k is
-    the count (sum) of the values whose level is >= k.
+    ``plane`` broadcasts against ``level``. Returns (plane_count, levels) float32 each: column k
+    is the count (sum) of the values whose level is >= k.
     """
     segment = plane * levels + level
-    count = planes * levels
-    counts = tf.math.bincount(segment, minlength=count, maxlength=count, dtype=tf.float32)
+    bins = plane_count * levels
+    counts = tf.math.bincount(segment, minlength=bins, maxlength=bins, dtype=tf.float32)
     # bincount adds each bin's values one after another: in float64, to keep float32 sums' accuracy
-    sums = tf.cast(tf.math.bincount(segment, weights=tf.cast(values, tf.float64), minlength=count,
-                                    maxlength=count), tf.float32)
+    sums = tf.cast(tf.math.bincount(segment, weights=tf.cast(values, tf.float64), minlength=bins,
+                                    maxlength=bins), tf.float32)
     return (tf.cumsum(tf.reshape(counts, [-1, levels]), axis=1, reverse=True),
             tf.cumsum(tf.reshape(sums, [-1, levels]), axis=1, reverse=True))
 
