@@ -40,6 +40,12 @@ def _stain_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--noise", type=float, metavar="X", help="largest Gaussian noise std")
 
 
+def _ema_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ema", type=float, metavar="M",
+                   help="validate and save the moving average of the weights with momentum M "
+                        "(e.g. 0.99; default: the preset's, 0 turns it off)")
+
+
 def _common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="BreastPathQ-layout folder or a `cellnet prepare` output")
     p.add_argument("--run", required=True, help="run folder to create (or an interrupted one to resume)")
@@ -97,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common_train(t)
     _unit(t)
     _stain_flags(t)
+    _ema_flag(t)
     t.add_argument("--decoder", default="fpn", choices=DECODERS)
     t.add_argument("--disc", type=float, help=DISC_HELP + "; for --data prepared on the fly")
     t.add_argument("--stain-norm", choices=STAIN_NORMS,
@@ -107,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common_train(t)
     _unit(t)
     _stain_flags(t)
+    _ema_flag(t)
     t.add_argument("--arch", choices=ARCHS, help="direct model (default resnet34)")
     t.add_argument("--head", choices=HEADS, help="direct model (default regression)")
     t.add_argument("--regression-activation", choices=REGRESSION_ACTIVATIONS,

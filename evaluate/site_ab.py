@@ -20,7 +20,9 @@ seed and budget):
   (the authors' Keras 2 default) instead of cellnet's 0.9;
 - ``stain_aug``, ``macenko``, ``reinhard``: cellnet's loss and 15-px discs with stain
   augmentation (``--stain-aug``) or a stain normalisation fitted on the training regions;
-- ``tissue_cpu``: the ``tissue-cpu`` preset as it stands.
+- ``tissue_cpu``: the ``tissue-cpu`` preset as it stands;
+- ``ema``, ``tissue_cpu_ema``: the ``cpu`` (``authors``) and ``tissue-cpu`` runs validating and
+  saving the moving average of the weights (``--ema 0.99``).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ VARIANTS: dict[str, dict] = {
     "eq2": {"loss": "eq2"}, "authors": {}, "authors_d12.5": {"disc": 12.5}, "authors_bn0.99": {"bn": 0.99},
     "stain_aug": {"config": {"stain_aug": True}}, "macenko": {"config": {"stain_norm": "macenko"}},
     "reinhard": {"config": {"stain_norm": "reinhard"}}, "tissue_cpu": {"config": {"preset": "tissue-cpu"}},
+    "ema": {"config": {"ema": 0.99}}, "tissue_cpu_ema": {"config": {"preset": "tissue-cpu", "ema": 0.99}},
 }
 REFERENCE_DISC = 15.0
 #: The runs' own validation: every 4th patient of each training site (about a quarter of them).

@@ -1,8 +1,9 @@
 """Callbacks of every training run: the resumable training state, checkpoints and history,
-the learning rate and TensorBoard mask images.
+the learning rate, TensorBoard mask images, and the weights' moving average (``--ema``).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -18,6 +19,46 @@ from cellnet.errors import bad
 from cellnet.preprocess import to_unit_range
 from cellnet.files import atomic_path, remove_leftovers, write_text, writing
 from cellnet.training.runs import RESUMABLE, STATE_FILE, save_model_atomic, write_run
+
+
+@contextlib.contextmanager
+def averaged_weights(optimizer: keras.optimizers.Optimizer | None):
+    """Inside the block the model's trainable variables hold the optimizer's moving average of
+    them (``use_ema``); after it, the raw weights again, bit for bit. Without ``use_ema``: nothing.
+
+    Why not ``keras.callbacks.SwapEMAWeights``: it swaps by adding and subtracting, which rounds
+    the raw weights at every swap, and it leaves the averages in the model at the end of an
+    epoch, so the resumable backup would hold them in place of the raw weights.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's
+    averages = getattr(inner, "_model_variables_moving_average", None) if getattr(inner, "use_ema", False) else None
+    if not averages:
+        yield
+        return
+    variables = inner._trainable_variables
+    raw = [keras.ops.convert_to_numpy(v) for v in variables]
+    for variable, average in zip(variables, averages):
+        variable.assign(average)
+    try:
+        yield
+    finally:
+        for variable, value in zip(variables, raw):
+            variable.assign(value)
+
+
+class AveragedValidation(keras.callbacks.Callback):
+    """Validate the moving average of the weights (``--ema``): the checkpoint it picks is what is saved."""
+
+    def __init__(self):
+        super().__init__()
+        self._stack = contextlib.ExitStack()
+
+    def on_test_begin(self, logs=None):
+        self._stack.enter_context(averaged_weights(self.model.optimizer))
+
+    def on_test_end(self, logs=None):
+        self._stack.close()
+
 
 class TrainingState:
     """The backup that resumes a run: weights, optimizer and RNG state after each epoch.
@@ -128,14 +169,15 @@ class Checkpoints(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        save_model_atomic(self.inner, self.run / f"{self.prefix}last.keras")
         value = logs.get(self.monitor)
         best = self.run / f"{self.prefix}best.keras"
-        if value is not None and math.isfinite(value) and (
-                (value < self.best if self.mode == "min" else value > self.best) or not best.is_file()):
-            self.best = value
-            save_model_atomic(self.inner, best)
-            write_run(self.run, best_epoch=epoch + 1, best={self.monitor: float(value)})
+        with averaged_weights(self.model.optimizer):  # the .keras files hold the average (--ema)
+            save_model_atomic(self.inner, self.run / f"{self.prefix}last.keras")
+            if value is not None and math.isfinite(value) and (
+                    (value < self.best if self.mode == "min" else value > self.best) or not best.is_file()):
+                self.best = value
+                save_model_atomic(self.inner, best)
+                write_run(self.run, best_epoch=epoch + 1, best={self.monitor: float(value)})
         self.rows.append({"epoch": epoch, **{k: float(v) for k, v in logs.items()}})
         self._write_history()
         self.state.commit(self.model, epoch + 1)
@@ -183,7 +225,8 @@ class MaskImages(keras.callbacks.Callback):
         if epoch % self.every:
             return
         x = to_unit_range(self.images)
-        maps = tf.cast(self.model(x, training=False), tf.float32)
+        with averaged_weights(self.model.optimizer):
+            maps = tf.cast(self.model(x, training=False), tf.float32)
         colour = tf.stack([maps[..., 2], maps[..., 0], maps[..., 1]], axis=-1)  # R malignant, G normal, B lymph
         overlay = tf.clip_by_value(0.55 * x + 0.45 * colour, 0.0, 1.0)
         malignant = tf.repeat(maps[..., 2:3], 3, axis=-1)
@@ -193,8 +236,10 @@ class MaskImages(keras.callbacks.Callback):
             self.writer.flush()
 
 
-def standard_callbacks(checkpoints: Checkpoints, preview: tf.Tensor | None = None) -> list[keras.callbacks.Callback]:
-    """Learning rate, checkpoints + history + backup, TensorBoard (+ mask images for segmenters)."""
+def standard_callbacks(checkpoints: Checkpoints, preview: tf.Tensor | None = None,
+                       optimizer: keras.optimizers.Optimizer | None = None) -> list[keras.callbacks.Callback]:
+    """Learning rate, checkpoints + history + backup, TensorBoard (+ mask images for segmenters,
+    + validation of the averaged weights when ``optimizer`` keeps them)."""
     log_dir = checkpoints.run / "logs" / checkpoints.name
     callbacks = [
         LogLearningRate(),
@@ -202,6 +247,8 @@ def standard_callbacks(checkpoints: Checkpoints, preview: tf.Tensor | None = Non
         keras.callbacks.TensorBoard(str(log_dir), write_graph=False, update_freq="epoch"),
         keras.callbacks.TerminateOnNaN(),
     ]
+    if getattr(getattr(optimizer, "inner_optimizer", optimizer), "use_ema", False):
+        callbacks.append(AveragedValidation())
     if preview is not None:
         callbacks.append(MaskImages(preview, log_dir))
     return callbacks

@@ -25,7 +25,7 @@ FLAGS = {"preset": "--preset", "decoder": "--decoder", "unit": "--unit", "disc":
          "init": "--init", "strategy": "--strategy", "precision": "--precision", "jit": "--jit",
          "augment_on": "--augment-on", "on_bad": "--on-bad", "group_by": "--group-by",
          "stain_norm": "--stain-norm", "stain_ref": "--stain-ref", "stain_aug": "--stain-aug", "hed": "--hed", "brightness": "--brightness", "contrast": "--contrast",
-         "blur": "--blur", "blur_prob": "--blur-prob", "noise": "--noise"}
+         "blur": "--blur", "blur_prob": "--blur-prob", "noise": "--noise", "ema": "--ema"}
 
 
 def _flag(name: str) -> str:
@@ -106,6 +106,9 @@ class NetworkConfig(RunConfig):
     blur: float | None = None
     blur_prob: float | None = None
     noise: float | None = None
+    #: Momentum of the weights' moving average (Polyak averaging) that validation and the saved
+    #: models use; 0: the raw weights (``cellnet.training.trainer.adam``).
+    ema: float | None = None
 
     def stain_settings(self) -> dict[str, float] | None:
         """StainAugment fields given by the flags or the preset; None when stain augmentation is off."""
@@ -123,6 +126,8 @@ class NetworkConfig(RunConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.ema is not None and not (isinstance(self.ema, (int, float)) and 0 <= self.ema < 1):
+            raise CellnetError(f"--ema: must be a momentum in [0, 1) (0: off), got {self.ema}")
         if self.init.startswith("imagenet:") and self.blocks != RESNET34_BLOCKS:
             raise CellnetError(f"--init {self.init}: ImageNet files are ResNet34s; this preset's network has "
                                f"{list(self.blocks)} units per stage, not {list(RESNET34_BLOCKS)}")

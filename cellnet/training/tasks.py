@@ -24,7 +24,7 @@ from cellnet.training.config import (CascadeConfig, CellularityConfig, GBTConfig
                                      SegmentationConfig)
 from cellnet.training.runs import (RESUMABLE, check_run, copy_atomic, finish_run, load_run_model, open_run,
                                    read_run, require_complete, save_model_atomic, timed, write_run)
-from cellnet.training.trainer import AugmentedTrainer, configure_runtime, fit, lr_schedule
+from cellnet.training.trainer import AugmentedTrainer, adam, configure_runtime, fit, lr_schedule
 
 
 def _open(cfg: RunConfig) -> tuple[Path, Path]:
@@ -145,7 +145,7 @@ def train_segmentation(cfg: SegmentationConfig) -> dict:
         trainer = AugmentedTrainer(model, augment=cfg.augment_on == "device", with_mask=True, seed=cfg.seed,
                                    stain=stain)
         trainer.compile(
-            optimizer=keras.optimizers.Adam(lr_schedule(cfg.lr, cfg.lr_final, cfg.epochs * steps)),
+            optimizer=adam(lr_schedule(cfg.lr, cfg.lr_final, cfg.epochs * steps), cfg.ema),
             loss=SegmentationLoss(),
             metrics=[ClassJaccard(CLASSES.index(c), name=f"jaccard_{c}") for c in CELL_CLASSES],
             jit_compile=cfg.jit)
@@ -159,11 +159,11 @@ def train_segmentation(cfg: SegmentationConfig) -> dict:
 
 # ----------------------------------------------------------------------------- direct models
 
-def _cellularity_compile(trainer: AugmentedTrainer, head: str, lr, jit: bool) -> None:
+def _cellularity_compile(trainer: AugmentedTrainer, head: str, lr, jit: bool, ema: float | None) -> None:
     from cellnet.training.losses import BinnedCrossentropy, CellularityMSE
 
     loss = BinnedCrossentropy() if head == "classification" else keras.losses.MeanSquaredError()
-    trainer.compile(optimizer=keras.optimizers.Adam(lr), loss=loss,
+    trainer.compile(optimizer=adam(lr, ema), loss=loss,
                     metrics=[CellularityMSE(head=head, name="mse")], jit_compile=jit)
 
 
@@ -200,7 +200,7 @@ def train_cellularity(cfg: CellularityConfig | CascadeConfig) -> dict:
                                   input_norm="imagenet" if is_torch_weights(init_path) else "none",
                                   weights=init_path, name=f"{cfg.arch}_{cfg.head}")
         trainer = AugmentedTrainer(model, augment=cfg.augment_on == "device", seed=cfg.seed, stain=stain)
-        _cellularity_compile(trainer, cfg.head, lr_schedule(cfg.lr, cfg.lr_final, cfg.epochs * steps), cfg.jit)
+        _cellularity_compile(trainer, cfg.head, lr_schedule(cfg.lr, cfg.lr_final, cfg.epochs * steps), cfg.jit, cfg.ema)
         trainer(tf.zeros([1, WORKING_SIZE, WORKING_SIZE, 3], tf.uint8))
     monitor = "val_mse" if val_ds is not None else "mse"
     with timed(run, "train_seconds"):
@@ -242,7 +242,8 @@ def train_cascade(cfg: CascadeConfig) -> dict:
     if not info.get("head_complete"):
         with strategy.scope():
             cascade.set_phase("head")
-            _cellularity_compile(trainer, "regression", lr_schedule(cfg.lr, cfg.lr_final, cfg.epochs * steps), cfg.jit)
+            _cellularity_compile(trainer, "regression", lr_schedule(cfg.lr, cfg.lr_final, cfg.epochs * steps), cfg.jit,
+                                 cfg.ema)
             trainer(tf.zeros([1, WORKING_SIZE, WORKING_SIZE, 3], tf.uint8))
         write_run(run, head_trainable_weights=len(cascade.trainable_weights))
         with timed(run, "head_seconds"):
@@ -254,7 +255,7 @@ def train_cascade(cfg: CascadeConfig) -> dict:
                                        stain=stain)
     with strategy.scope():
         cascade.set_phase("finetune")
-        _cellularity_compile(trainer, "regression", cfg.finetune_lr, cfg.jit)
+        _cellularity_compile(trainer, "regression", cfg.finetune_lr, cfg.jit, cfg.ema)
         trainer(tf.zeros([1, WORKING_SIZE, WORKING_SIZE, 3], tf.uint8))
     write_run(run, finetune_trainable_weights=len(cascade.trainable_weights))
     if cfg.finetune_epochs:

@@ -48,6 +48,14 @@ def lr_schedule(lr: float, lr_final: float, total_steps: int) -> keras.optimizer
                                                        decay_rate=lr_final / lr)
 
 
+def adam(learning_rate, ema: float | None = None) -> keras.optimizers.Adam:
+    """Adam (the paper's optimizer); ``ema`` in (0, 1) also keeps a moving average of the weights
+    with that momentum, which validation, ``best.keras`` and ``last.keras`` then use (``--ema``)."""
+    if ema:
+        return keras.optimizers.Adam(learning_rate, use_ema=True, ema_momentum=float(ema))
+    return keras.optimizers.Adam(learning_rate)
+
+
 # ----------------------------------------------------------------------------- the wrapper
 
 @keras.saving.register_keras_serializable(package="cellnet")
@@ -113,7 +121,7 @@ def fit(trainer: AugmentedTrainer, train_ds, val_ds, run: Path, *, epochs: int, 
         with writing(run, RESUMABLE):  # what no callback names (TensorBoard's writers): the run folder
             trainer.fit(train_ds, epochs=epochs, initial_epoch=initial, steps_per_epoch=steps,
                         validation_data=val_ds, validation_steps=val_steps, shuffle=False,
-                        callbacks=standard_callbacks(checkpoints, preview), verbose=verbose)
+                        callbacks=standard_callbacks(checkpoints, preview, trainer.optimizer), verbose=verbose)
     except tf.errors.ResourceExhaustedError as exc:  # out of (device) memory
         raise bad(run, f"out of memory while training ({exc.message.strip().splitlines()[0][:80]}); "
                        "try a smaller --batch-size and run the command again to resume") from None
