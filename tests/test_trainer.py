@@ -22,8 +22,15 @@ def test_seeded_runs_repeat_exactly(synth_prepared, tmp_path):
     assert histories[0][["loss", "val_loss"]].equals(histories[1][["loss", "val_loss"]])
 
 
-def test_xla_compiled_training_step(synth_prepared, tmp_path):
+def test_xla_compiled_training_step(synth_prepared, tmp_path, monkeypatch):
+    """--jit compiles on the CPU too (Keras would silently not, were op determinism left on)."""
+    compiled = []
+    compile_ = AugmentedTrainer.compile
+    monkeypatch.setattr(AugmentedTrainer, "compile",
+                        lambda self, **kw: (compile_(self, **kw), compiled.append(self.jit_compile)))
+    tf.config.experimental.enable_op_determinism()  # as an earlier run in this process leaves it
     info = train_segmentation(tiny_config("segmentation", synth_prepared, tmp_path / "jit", epochs=1, jit=True))
+    assert compiled == [True]
     assert info["status"] == "complete"
     assert pd.read_csv(tmp_path / "jit" / "history.csv")["loss"].notna().all()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import keras
 import tensorflow as tf
+from tensorflow.python.framework import config as tf_config
 
 from cellnet.data.augment import BatchAugment, StainAugment
 from cellnet.errors import CellnetError, bad
@@ -22,7 +23,11 @@ from cellnet.training.runs import RESUMABLE
 def configure_runtime(cfg: RunConfig) -> tf.distribute.Strategy:
     """Seeds, precision policy and the distribution strategy (SPEC 4)."""
     keras.utils.set_random_seed(cfg.seed)
-    if not tf.config.list_physical_devices("GPU"):
+    if cfg.jit:
+        # Keras silently trains without XLA while op determinism is on; TF has no public switch
+        # back for a process that turned it on (an earlier run in the same Python)
+        tf_config.disable_op_determinism()
+    elif not tf.config.list_physical_devices("GPU"):
         # on the CPU, seeds fix results only with deterministic kernels (threaded reductions
         # otherwise sum in varying order); on a GPU this would cost speed, so it stays off there
         tf.config.experimental.enable_op_determinism()
