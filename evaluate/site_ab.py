@@ -21,6 +21,9 @@ seed and budget):
 - ``stain_aug``, ``macenko``, ``reinhard``: cellnet's loss and 15-px discs with stain
   augmentation (``--stain-aug``) or a stain normalisation fitted on the training regions;
 - ``tissue_cpu``: the ``tissue-cpu`` preset as it stands;
+- ``stain_strong``: stain augmentation at Tellez et al.'s "HED-strong" (0.2) with brightness 0.2 and
+  contrast 0.3 (AC's regions are paler, with about 40% of A7's hematoxylin, more than the light
+  defaults' 5% reach);
 - ``ema``, ``tissue_cpu_ema``: the ``cpu`` (``authors``) and ``tissue-cpu`` runs validating and
   saving the moving average of the weights (``--ema 0.99``).
 """
@@ -40,6 +43,7 @@ VARIANTS: dict[str, dict] = {
     "eq2": {"loss": "eq2"}, "authors": {}, "authors_d12.5": {"disc": 12.5}, "authors_bn0.99": {"bn": 0.99},
     "stain_aug": {"config": {"stain_aug": True}}, "macenko": {"config": {"stain_norm": "macenko"}},
     "reinhard": {"config": {"stain_norm": "reinhard"}}, "tissue_cpu": {"config": {"preset": "tissue-cpu"}},
+    "stain_strong": {"config": {"stain_aug": True, "hed": 0.2, "brightness": 0.2, "contrast": 0.3}},
     "ema": {"config": {"ema": 0.99}}, "tissue_cpu_ema": {"config": {"preset": "tissue-cpu", "ema": 0.99}},
 }
 REFERENCE_DISC = 15.0
