@@ -79,7 +79,8 @@ def committed(run: Path, phase: str = "main") -> int:
 
 OPTIONS = [("segmentation", "--batch-size", "0"), ("segmentation", "--batch-size", "-2"),
            ("cellularity", "--batch-size", "0"), ("segmentation", "--epochs", "0"),
-           ("cellularity", "--epochs", "-1"), ("segmentation", "--seed", "-1")]
+           ("cellularity", "--epochs", "-1"), ("segmentation", "--seed", "-1"),
+           ("segmentation", "--ema", "1"), ("cellularity", "--ema", "-0.5")]
 
 
 def option_case(task: str, flag: str, value: str) -> Case:
