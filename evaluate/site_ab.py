@@ -23,7 +23,7 @@ seed and budget):
 - ``tissue_cpu``: the ``tissue-cpu`` preset as it stands;
 - ``stain_strong``: stain augmentation at Tellez et al.'s "HED-strong" (0.2) with brightness 0.2 and
   contrast 0.3 (AC's regions are paler, with about 40% of A7's hematoxylin, more than the light
-  defaults' 5% reach);
+  defaults' 5% reach); ``tissue_cpu_strong``: the same settings in the ``tissue-cpu`` preset;
 - ``ema``, ``tissue_cpu_ema``: the ``cpu`` (``authors``) and ``tissue-cpu`` runs validating and
   saving the moving average of the weights (``--ema 0.99``).
 """
@@ -44,6 +44,7 @@ VARIANTS: dict[str, dict] = {
     "stain_aug": {"config": {"stain_aug": True}}, "macenko": {"config": {"stain_norm": "macenko"}},
     "reinhard": {"config": {"stain_norm": "reinhard"}}, "tissue_cpu": {"config": {"preset": "tissue-cpu"}},
     "stain_strong": {"config": {"stain_aug": True, "hed": 0.2, "brightness": 0.2, "contrast": 0.3}},
+    "tissue_cpu_strong": {"config": {"preset": "tissue-cpu", "hed": 0.2, "brightness": 0.2, "contrast": 0.3}},
     "ema": {"config": {"ema": 0.99}}, "tissue_cpu_ema": {"config": {"preset": "tissue-cpu", "ema": 0.99}},
 }
 REFERENCE_DISC = 15.0
