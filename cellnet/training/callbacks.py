@@ -21,6 +21,12 @@ from cellnet.files import atomic_path, remove_leftovers, write_text, writing
 from cellnet.training.runs import RESUMABLE, STATE_FILE, save_model_atomic, write_run
 
 
+def averaging(optimizer: keras.optimizers.Optimizer | None) -> keras.optimizers.Optimizer | None:
+    """The optimizer (a LossScaleOptimizer's inner one) when it keeps a moving average of the weights, else None."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return inner if getattr(inner, "use_ema", False) else None
+
+
 @contextlib.contextmanager
 def averaged_weights(optimizer: keras.optimizers.Optimizer | None):
     """Inside the block the model's trainable variables hold the optimizer's moving average of
@@ -30,8 +36,8 @@ def averaged_weights(optimizer: keras.optimizers.Optimizer | None):
     the raw weights at every swap, and it leaves the averages in the model at the end of an
     epoch, so the resumable backup would hold them in place of the raw weights.
     """
-    inner = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's
-    averages = getattr(inner, "_model_variables_moving_average", None) if getattr(inner, "use_ema", False) else None
+    inner = averaging(optimizer)
+    averages = getattr(inner, "_model_variables_moving_average", None) if inner is not None else None
     if not averages:
         yield
         return
@@ -247,7 +253,7 @@ def standard_callbacks(checkpoints: Checkpoints, preview: tf.Tensor | None = Non
         keras.callbacks.TensorBoard(str(log_dir), write_graph=False, update_freq="epoch"),
         keras.callbacks.TerminateOnNaN(),
     ]
-    if getattr(getattr(optimizer, "inner_optimizer", optimizer), "use_ema", False):
+    if averaging(optimizer) is not None:
         callbacks.append(AveragedValidation())
     if preview is not None:
         callbacks.append(MaskImages(preview, log_dir))

@@ -74,9 +74,6 @@ def _require(prepared: Path, split: str, what: str) -> int:
 
 def _fit(trainer: AugmentedTrainer, train_ds, val_ds, cfg: RunConfig, run: Path, epochs: int,
          steps: int, monitor: str, mode: str, prefix: str = "", preview=None) -> None:
-    if cfg.jit and not trainer.jit_compile:  # Keras falls back to no XLA with only a warning
-        raise CellnetError("--jit: Keras will not compile this model with XLA (a layer without XLA "
-                           "support, or op determinism on); run without --jit")
     fit(trainer, train_ds, val_ds, run, epochs=epochs, steps=steps, monitor=monitor, mode=mode,
         prefix=prefix, preview=preview, verbose=2 if cfg.progress else 0)
 

@@ -86,6 +86,14 @@ class AugmentedTrainer(keras.Model):
             self.model.build(input_shape)
         self.built = True
 
+    def compile(self, *args, jit_compile="auto", **kwargs):
+        """Keras's, except that a refused ``jit_compile=True`` is an error: Keras would train
+        without XLA with only a warning (it refuses under op determinism or an unsupported layer)."""
+        super().compile(*args, jit_compile=jit_compile, **kwargs)
+        if jit_compile is True and not self.jit_compile:
+            raise CellnetError("--jit: Keras will not compile this model with XLA (a layer without XLA "
+                               "support, or op determinism on); run without --jit")
+
     @staticmethod
     def unit(x):
         return to_unit_range(x) if x.dtype == tf.uint8 else tf.cast(x, tf.float32)
