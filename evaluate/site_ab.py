@@ -46,8 +46,15 @@ VARIANTS: dict[str, dict] = {
     "stain_strong": {"config": {"stain_aug": True, "hed": 0.2, "brightness": 0.2, "contrast": 0.3}},
     "tissue_cpu_strong": {"config": {"preset": "tissue-cpu", "hed": 0.2, "brightness": 0.2, "contrast": 0.3}},
     "ema": {"config": {"ema": 0.99}}, "tissue_cpu_ema": {"config": {"preset": "tissue-cpu", "ema": 0.99}},
+    "tissue_cpu_region": {"config": {"preset": "tissue-cpu", "crop": 256, "batch_size": 2}},
+    "tissue_cpu_region_reinhard": {"config": {"preset": "tissue-cpu", "crop": 256, "batch_size": 2,
+                                              "stain_norm": "reinhard"}},
 }
 REFERENCE_DISC = 15.0
+#: BRCA-M2C's label code for stromal nuclei (no cellnet channel; used here only to measure false malignant calls).
+STROMAL_CODE = 3
+#: A region with fewer annotated tumour nuclei than this counts as tumour-free in ``--composition``.
+TUMOUR_FREE_BELOW = 10
 #: The runs' own validation: every 4th patient of each training site (about a quarter of them).
 INNER_VAL_EVERY = 4
 
@@ -121,7 +128,27 @@ def train_one(prepared: Path, run: Path, spec: dict, epochs: int | None, seed: i
                                    progress=False, **values))
 
 
-def score(run: Path, reference: Path, imported: Path) -> dict:
+def label_rows(src: Path, name: str) -> np.ndarray:
+    """BRCA-M2C rows ``(y, x, code)`` at full resolution of a region imported as ``<stem>_Region 1``."""
+    stem = name.split("_Region")[0]
+    text = (src / "labels" / f"{stem}_gt_class_coords.txt").read_text()
+    return np.asarray(text.split(), np.float64).reshape(-1, 3)
+
+
+def composition(src: Path) -> str:
+    """Per site: regions, annotated nuclei per BRCA-M2C class, and regions without tumour."""
+    lines = ["site  regions  lymphocyte  tumour  stromal  regions with < "
+             f"{TUMOUR_FREE_BELOW} tumour nuclei"]
+    stems = sorted(p.stem for p in (src / "images").glob("*.png"))
+    for site in SITES:
+        rows = [label_rows(src, stem) for stem in stems if site_of(stem) == site]
+        counts = [int(sum((r[:, 2] == code).sum() for r in rows)) for code in (1, 2, STROMAL_CODE)]
+        free = sum(int((r[:, 2] == 2).sum()) < TUMOUR_FREE_BELOW for r in rows)
+        lines.append(f"{site}    {len(rows):7d}  {counts[0]:10d}  {counts[1]:6d}  {counts[2]:7d}  {free}")
+    return "\n".join(lines)
+
+
+def score(run: Path, reference: Path, imported: Path, src: Path) -> dict:
     from cellnet.quiet import import_tensorflow
 
     import_tensorflow()
@@ -137,7 +164,15 @@ def score(run: Path, reference: Path, imported: Path) -> dict:
     model = load_run_model(run)
     inter, union = np.zeros(4, np.int64), np.zeros(4, np.int64)
     det = {c: np.zeros(3, np.int64) for c in CELL_CLASSES}  # tp, predicted, annotated
+    malignant = CLASSES.index("malignant")
+    stromal_hits = stromal = malignant_px = pixels = 0
     for _, mask, maps, name in segment_regions(model, reference, "cells_val", progress=False):
+        called = maps[..., malignant] > 0.5
+        malignant_px, pixels = malignant_px + int(called.sum()), pixels + called.size
+        rows = label_rows(src, name)
+        xy = np.round(to_working(rows[rows[:, 2] == STROMAL_CODE][:, 1::-1])).astype(int)
+        xy = np.clip(xy, 0, [called.shape[1] - 1, called.shape[0] - 1])
+        stromal_hits, stromal = stromal_hits + int(called[xy[:, 1], xy[:, 0]].sum()), stromal + len(xy)
         i, u = metrics.jaccard_counts(mask[None], maps[None], 0.5)
         inter, union = inter + i, union + u
         region = regions[name]
@@ -149,6 +184,9 @@ def score(run: Path, reference: Path, imported: Path) -> dict:
     out = {f"jaccard_{c}": float(jaccard[c]) for c in CELL_CLASSES}
     for c, (tp, npred, ntrue) in det.items():
         out[f"f1_{c}"] = float(2 * tp / max(npred + ntrue, 1))
+    # specificity where the training sites may have shown none: stromal nuclei and pixels called malignant
+    out["stromal_called_malignant"] = stromal_hits / max(stromal, 1)
+    out["malignant_pixel_share"] = malignant_px / max(pixels, 1)
     return out
 
 
@@ -160,25 +198,32 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="train every variant once per seed; the summary averages over folds and seeds")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--sites", nargs="+", default=list(SITES), choices=SITES,
+                        help="the folds to run (the held-out sites); the summary needs all three")
     parser.add_argument("--rescore", action="store_true", help="score finished runs again (no training)")
     parser.add_argument("--results", default="results.json", help="file under --work to keep the figures in")
+    parser.add_argument("--composition", action="store_true",
+                        help="print each site's regions and annotated nuclei per class, and stop")
     parser.add_argument("--one", nargs=4, metavar=("PREPARED", "RUN", "SPEC", "REFERENCE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
-    work = Path(args.work)
+    work, src = Path(args.work), Path(args.src)
     imported = work / "imported"
+    if args.composition:
+        print(composition(src))
+        return
     if args.one:
         prepared, run, spec, reference = args.one
         if not (Path(run) / "best.keras").is_file():
             train_one(Path(prepared), Path(run), json.loads(spec), args.epochs, args.seeds[0])
-        print(json.dumps(score(Path(run), Path(reference), imported)))
+        print(json.dumps(score(Path(run), Path(reference), imported, src)))
         return
     if not imported.is_dir():
         subprocess.run([sys.executable, "-m", "cellnet.cli", "import", "--format", "brca-m2c",
                         "--src", args.src, "--out", str(imported)], check=True)
     results_path = work / args.results
     results = json.loads(results_path.read_text()) if results_path.is_file() and not args.rescore else {}
-    for site in SITES:
+    for site in args.sites:
         fold = work / f"fold_{site}"
         data, heldout = make_fold(imported, fold, site)
         for variant in args.variants:
@@ -196,7 +241,8 @@ def main() -> None:
                         subprocess.run([sys.executable, "-m", "cellnet.cli", "prepare", "--data", str(source),
                                         "--out", str(path), "--disc", str(d), "--quiet"], check=True)
                 epochs = ["--epochs", str(args.epochs)] if args.epochs else []
-                done = subprocess.run([sys.executable, "-m", "evaluate.site_ab", "--work", str(work), *epochs,
+                done = subprocess.run([sys.executable, "-m", "evaluate.site_ab", "--work", str(work),
+                                       "--src", str(src), *epochs,
                                        "--seeds", str(seed), "--one",
                                        str(prepared), str(fold / "runs" / name), json.dumps(spec), str(reference)],
                                       check=True, capture_output=True, text=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import csv
 import math
 
-from evaluate.site_ab import INNER_VAL_EVERY, SITES, make_fold, patient_of, run_name, site_of, summary
+from evaluate.site_ab import (INNER_VAL_EVERY, SITES, composition, label_rows, make_fold, patient_of, run_name,
+                              site_of, summary)
 
 
 def _imported(root, patients_per_site: int = 5, images_per_patient: int = 2):
@@ -57,3 +58,20 @@ def test_summary_averages_folds_then_seeds_and_reports_the_spread():
     assert "mean over folds (2 seed(s) complete): J mal / lym 0.400 / 0.200" in text
     assert "std over seeds: J 0.100 / 0.000" in text
     assert run_name("tissue_cpu", None, 1) == "tissue_cpu_epreset_s1"
+
+
+def test_composition_counts_nuclei_per_site_and_class_and_tumour_free_regions(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    regions = {"TCGA-A7-P000-01Z-00-DX1_1": [1, 2] + [2] * 10, "TCGA-A7-P001-01Z-00-DX1_1": [3, 3, 2],
+               "TCGA-AC-P000-01Z-00-DX1_1": [3] * 5 + [1], "TCGA-A8-P000-01Z-00-DX1_1": []}
+    for stem, codes in regions.items():
+        (tmp_path / "images" / f"{stem}.png").write_bytes(b"")
+        rows = "".join(f"{10 + i} {20 + i} {code}\n" for i, code in enumerate(codes))
+        (tmp_path / "labels" / f"{stem}_gt_class_coords.txt").write_text(rows)
+    lines = composition(tmp_path).splitlines()
+    assert lines[1].split() == ["A7", "2", "1", "12", "2", "1"]  # P001 has 1 tumour nucleus: tumour-free
+    assert lines[2].split() == ["A8", "1", "0", "0", "0", "1"]  # an empty label file reads as no nuclei
+    assert lines[3].split() == ["AC", "1", "1", "0", "5", "1"]
+    rows = label_rows(tmp_path, "TCGA-AC-P000-01Z-00-DX1_1_Region 1")  # the name cellnet import gives it
+    assert rows.shape == (6, 3) and rows[0].tolist() == [10, 20, 3]
