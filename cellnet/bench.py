@@ -332,6 +332,24 @@ def feature_flops(height: int, width: int) -> float:
     return len(CELL_CLASSES) * ((1 + len(LOG_SIGMAS)) * fft + products)
 
 
+def fft_ceiling(maps: int, height: int, width: int, repeats: int) -> float:
+    """Maps/s that the features' 2-D FFTs alone allow: the ceiling of the FFT scale space here.
+
+    Per pair of cell planes (``log_scale_space``) one forward and one inverse transform per sigma
+    of the mirror-padded size, timed as TF runs them on ``maps`` maps at once; every other step
+    of the features comes on top of this.
+    """
+    from cellnet.classes import CELL_CLASSES
+    from cellnet.models.features import LOG_SIGMAS, MAX_RADIUS
+
+    shape = [-(-maps * len(CELL_CLASSES) // 2), height + 2 * MAX_RADIUS, width + 2 * MAX_RADIUS]
+    pairs = tf.complex(tf.random.uniform(shape), tf.random.uniform(shape))
+    forward, inverse = tf.function(tf.signal.fft2d), tf.function(tf.signal.ifft2d)
+    seconds_forward = maps / _rate(lambda: forward(pairs).numpy(), maps, repeats)
+    seconds_inverse = maps / _rate(lambda: inverse(pairs).numpy(), maps, repeats)
+    return maps / (seconds_forward + len(LOG_SIGMAS) * seconds_inverse)
+
+
 def bench_features(repeats: int) -> dict:
     from cellnet.models.features import extract_features
 
@@ -340,7 +358,8 @@ def bench_features(repeats: int) -> dict:
     rate = _rate(lambda: fn(maps).numpy(), 16, repeats)
     flops = feature_flops(256, 256)
     return {"features_maps_per_s": rate, "features_gflop_per_map": flops / 1e9,
-            "features_gflops": rate * flops / 1e9}
+            "features_gflops": rate * flops / 1e9,
+            "features_fft_ceiling_maps_per_s": fft_ceiling(16, 256, 256, repeats)}
 
 
 def bench_gbt() -> dict:

@@ -25,7 +25,12 @@ seed and budget):
   contrast 0.3 (AC's regions are paler, with about 40% of A7's hematoxylin, more than the light
   defaults' 5% reach); ``tissue_cpu_strong``: the same settings in the ``tissue-cpu`` preset;
 - ``ema``, ``tissue_cpu_ema``: the ``cpu`` (``authors``) and ``tissue-cpu`` runs validating and
-  saving the moving average of the weights (``--ema 0.99``).
+  saving the moving average of the weights (``--ema 0.99``);
+- ``tissue_cpu_region``, ``tissue_cpu_region_reinhard``: ``tissue-cpu`` with each crop the whole
+  region (crop 256, batch 2: the same pixels a step), without and with Reinhard normalisation,
+  whose statistics are then the region's, as when a region is served;
+- ``tissue_cpu_stroma``: ``tissue-cpu`` trained with BRCA-M2C's stromal nuclei as a class of their
+  own (imported into the ``normal`` channel, which BRCA-M2C leaves empty) instead of background.
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ VARIANTS: dict[str, dict] = {
     "stain_strong": {"config": {"stain_aug": True, "hed": 0.2, "brightness": 0.2, "contrast": 0.3}},
     "tissue_cpu_strong": {"config": {"preset": "tissue-cpu", "hed": 0.2, "brightness": 0.2, "contrast": 0.3}},
     "ema": {"config": {"ema": 0.99}}, "tissue_cpu_ema": {"config": {"preset": "tissue-cpu", "ema": 0.99}},
+    "tissue_cpu_stroma": {"stroma": "normal", "config": {"preset": "tissue-cpu"}},
     "tissue_cpu_region": {"config": {"preset": "tissue-cpu", "crop": 256, "batch_size": 2}},
     "tissue_cpu_region_reinhard": {"config": {"preset": "tissue-cpu", "crop": 256, "batch_size": 2,
                                               "stain_norm": "reinhard"}},
@@ -218,21 +224,20 @@ def main() -> None:
             train_one(Path(prepared), Path(run), json.loads(spec), args.epochs, args.seeds[0])
         print(json.dumps(score(Path(run), Path(reference), imported, src)))
         return
-    if not imported.is_dir():
-        subprocess.run([sys.executable, "-m", "cellnet.cli", "import", "--format", "brca-m2c",
-                        "--src", args.src, "--out", str(imported)], check=True)
+    import_once(src, imported)  # every variant's points are scored against the plain import
     results_path = work / args.results
     results = json.loads(results_path.read_text()) if results_path.is_file() and not args.rescore else {}
     for site in args.sites:
-        fold = work / f"fold_{site}"
-        data, heldout = make_fold(imported, fold, site)
         for variant in args.variants:
+            spec = VARIANTS[variant]
+            tag = f"_stroma_as_{spec['stroma']}" if "stroma" in spec else ""
+            fold = work / f"fold_{site}{tag}"
+            data, heldout = make_fold(import_once(src, work / f"imported{tag}", spec.get("stroma")), fold, site)
             for seed in args.seeds:
                 name = run_name(variant, args.epochs, seed)
                 key = f"{site}/{name}"
                 if key in results:
                     continue
-                spec = VARIANTS[variant]
                 disc = spec.get("disc", REFERENCE_DISC)
                 prepared = fold / f"prepared_d{disc:g}"
                 reference = fold / "heldout_prepared"
@@ -251,6 +256,17 @@ def main() -> None:
                 print(key, results[key], flush=True)
     for variant in args.variants:
         print(summary(results, variant, args.epochs, args.seeds))
+
+
+def import_once(src: Path, imported: Path, stroma: str | None = None) -> Path:
+    """``cellnet import --format brca-m2c`` into ``imported`` unless done; ``stroma`` names the channel
+    BRCA-M2C's stromal nuclei go to (cellnet skips them: it has no stromal channel)."""
+    if not imported.is_dir():
+        code = ("import sys; from cellnet.classes import BRCA_M2C_CODES; "
+                f"BRCA_M2C_CODES[{STROMAL_CODE}] = {stroma!r}; from cellnet.cli import main; sys.exit(main(sys.argv[1:]))")
+        subprocess.run([sys.executable, "-c", code, "import", "--format", "brca-m2c", "--src", str(src),
+                        "--out", str(imported)], check=True)
+    return imported
 
 
 def run_name(variant: str, epochs: int | None, seed: int) -> str:

@@ -23,8 +23,10 @@ def test_machine_records_cpu_model_and_simd_flags():
 
 def test_features_rate_and_gflops():
     out = bench_features(repeats=1)
-    assert set(out) == {"features_maps_per_s", "features_gflop_per_map", "features_gflops"}
+    assert set(out) == {"features_maps_per_s", "features_gflop_per_map", "features_gflops",
+                        "features_fft_ceiling_maps_per_s"}
     assert out["features_maps_per_s"] > 0
+    assert 0 < out["features_fft_ceiling_maps_per_s"] < float("inf")
     # 3 cell channels x (1 forward + 4 inverse FFTs of 288x288 points at 2.5 n log2 n, + products)
     assert out["features_gflop_per_map"] == pytest.approx(0.052, rel=0.05)
     assert out["features_gflops"] == pytest.approx(out["features_maps_per_s"] * out["features_gflop_per_map"])
