@@ -281,7 +281,8 @@ def summary(results: dict, variant: str, epochs: int | None, seeds: list[int]) -
     for seed in seeds:
         rows = [results.get(f"{site}/{run_name(variant, epochs, seed)}") for site in SITES]
         if all(rows):
-            per_seed[seed] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+            keys = set.intersection(*(set(r) for r in rows))  # figures added later are missing from old rows
+            per_seed[seed] = {k: float(np.mean([r[k] for r in rows])) for k in sorted(keys)}
     for site in SITES:
         rows = [results[k] for k in (f"{site}/{run_name(variant, epochs, s)}" for s in seeds) if k in results]
         if rows:
