@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cellnet.classes import BRCA_M2C_CODES
+
 SITES = ("A7", "A8", "AC")
 #: name -> how it differs: ``loss`` (eq2), ``disc``, ``bn`` (momentum), ``config`` (train overrides).
 VARIANTS: dict[str, dict] = {
@@ -57,8 +59,9 @@ VARIANTS: dict[str, dict] = {
                                               "stain_norm": "reinhard"}},
 }
 REFERENCE_DISC = 15.0
-#: BRCA-M2C's label code for stromal nuclei (no cellnet channel; used here only to measure false malignant calls).
-STROMAL_CODE = 3
+#: BRCA-M2C's label codes; stromal nuclei have no cellnet channel (used here to measure false malignant calls).
+CODES = {name: code for code, name in BRCA_M2C_CODES.items()}
+STROMAL_CODE = CODES[None]
 #: A region with fewer annotated tumour nuclei than this counts as tumour-free in ``--composition``.
 TUMOUR_FREE_BELOW = 10
 #: The runs' own validation: every 4th patient of each training site (about a quarter of them).
@@ -148,8 +151,9 @@ def composition(src: Path) -> str:
     stems = sorted(p.stem for p in (src / "images").glob("*.png"))
     for site in SITES:
         rows = [label_rows(src, stem) for stem in stems if site_of(stem) == site]
-        counts = [int(sum((r[:, 2] == code).sum() for r in rows)) for code in (1, 2, STROMAL_CODE)]
-        free = sum(int((r[:, 2] == 2).sum()) < TUMOUR_FREE_BELOW for r in rows)
+        counts = [int(sum((r[:, 2] == code).sum() for r in rows))
+                  for code in (CODES["lymphocyte"], CODES["malignant"], STROMAL_CODE)]
+        free = sum(int((r[:, 2] == CODES["malignant"]).sum()) < TUMOUR_FREE_BELOW for r in rows)
         lines.append(f"{site}    {len(rows):7d}  {counts[0]:10d}  {counts[1]:6d}  {counts[2]:7d}  {free}")
     return "\n".join(lines)
 
