@@ -174,15 +174,15 @@ def score(run: Path, reference: Path, imported: Path, src: Path) -> dict:
     model = load_run_model(run)
     inter, union = np.zeros(4, np.int64), np.zeros(4, np.int64)
     det = {c: np.zeros(3, np.int64) for c in CELL_CLASSES}  # tp, predicted, annotated
-    malignant = CLASSES.index("malignant")
-    stromal_hits = stromal = malignant_px = pixels = 0
+    malignant, lymphocyte = CLASSES.index("malignant"), CLASSES.index("lymphocyte")
+    stromal_hits, stromal, malignant_px, pixels = np.zeros(2, np.int64), 0, 0, 0
     for _, mask, maps, name in segment_regions(model, reference, "cells_val", progress=False):
-        called = maps[..., malignant] > 0.5
-        malignant_px, pixels = malignant_px + int(called.sum()), pixels + called.size
+        called = maps[..., [malignant, lymphocyte]] > 0.5
+        malignant_px, pixels = malignant_px + int(called[..., 0].sum()), pixels + called[..., 0].size
         rows = label_rows(src, name)
         xy = np.round(to_working(rows[rows[:, 2] == STROMAL_CODE][:, 1::-1])).astype(int)
         xy = np.clip(xy, 0, [called.shape[1] - 1, called.shape[0] - 1])
-        stromal_hits, stromal = stromal_hits + int(called[xy[:, 1], xy[:, 0]].sum()), stromal + len(xy)
+        stromal_hits, stromal = stromal_hits + called[xy[:, 1], xy[:, 0]].sum(axis=0), stromal + len(xy)
         i, u = metrics.jaccard_counts(mask[None], maps[None], 0.5)
         inter, union = inter + i, union + u
         region = regions[name]
@@ -194,8 +194,9 @@ def score(run: Path, reference: Path, imported: Path, src: Path) -> dict:
     out = {f"jaccard_{c}": float(jaccard[c]) for c in CELL_CLASSES}
     for c, (tp, npred, ntrue) in det.items():
         out[f"f1_{c}"] = float(2 * tp / max(npred + ntrue, 1))
-    # specificity where the training sites may have shown none: stromal nuclei and pixels called malignant
-    out["stromal_called_malignant"] = stromal_hits / max(stromal, 1)
+    # specificity where the training sites may have shown none: stromal nuclei called malignant or
+    # lymphocyte, and pixels called malignant
+    out["stromal_called_malignant"], out["stromal_called_lymphocyte"] = (float(v) for v in stromal_hits / max(stromal, 1))
     out["malignant_pixel_share"] = malignant_px / max(pixels, 1)
     return out
 
