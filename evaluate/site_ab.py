@@ -138,9 +138,14 @@ def train_one(prepared: Path, run: Path, spec: dict, epochs: int | None, seed: i
 
 
 def label_rows(src: Path, name: str) -> np.ndarray:
-    """BRCA-M2C rows ``(y, x, code)`` at full resolution of a region imported as ``<stem>_Region 1``."""
-    stem = name.split("_Region")[0]
-    text = (src / "labels" / f"{stem}_gt_class_coords.txt").read_text()
+    """BRCA-M2C rows ``(y, x, code)`` at full resolution of a region or image ``name``, stromal nuclei
+    included (cellnet's importer drops them); a region ``<stem>_Region 1`` reads ``<stem>``'s labels."""
+    from cellnet.data.breastpathq import REGION_RE
+    from cellnet.data.formats import BRCA_LABEL_SUFFIX
+
+    region = REGION_RE.match(f"{name}_crop")
+    stem = region["case"] if region else name
+    text = (src / "labels" / f"{stem}{BRCA_LABEL_SUFFIX}").read_text()
     return np.asarray(text.split(), np.float64).reshape(-1, 3)
 
 
