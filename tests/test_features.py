@@ -218,3 +218,18 @@ def test_feature_frame():
 
 def test_empty_batch_gives_no_rows():
     assert extract_features(np.zeros((0, 40, 33, 4), np.float32)).shape == (0, 81)
+
+
+def test_area_thresholds_are_strict_at_their_float32_values():
+    """A pixel exactly at t is not above t; the next float32 up is (the level count's edges)."""
+    at = np.float32(AREA_T)
+    above = np.nextafter(at, np.float32(np.inf))
+    values = np.concatenate([at, above, [np.float32(0), np.float32(1)]])
+    maps = np.zeros((1, 32, 32, 4), np.float32)
+    maps[0, 0, :values.size, 1] = values  # lymphocyte channel, one row
+    got = extract_features(maps).numpy()[0]
+    for t in AREA_T:
+        want = np.count_nonzero(values > np.float32(t))
+        assert got[FEATURE_NAMES.index(f"lymphocyte_area@{t}")] == want
+        np.testing.assert_allclose(got[FEATURE_NAMES.index(f"lymphocyte_activation@{t}")],
+                                   values[values > np.float32(t)].astype(np.float64).sum(), rtol=1e-6)
