@@ -30,7 +30,9 @@ seed and budget):
   region (crop 256, batch 2: the same pixels a step), without and with Reinhard normalisation,
   whose statistics are then the region's, as when a region is served;
 - ``tissue_cpu_stroma``: ``tissue-cpu`` trained with BRCA-M2C's stromal nuclei as a class of their
-  own (imported into the ``normal`` channel, which BRCA-M2C leaves empty) instead of background.
+  own (imported into the ``normal`` channel, which BRCA-M2C leaves empty) instead of background;
+- ``grey``: ``authors`` with half of the training crops turned grey (luminance in all three
+  channels, after the other augmentations), so that the network cannot rest on stain colour alone.
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ import numpy as np
 from cellnet.classes import BRCA_M2C_CODES
 
 SITES = ("A7", "A8", "AC")
-#: name -> how it differs: ``loss`` (eq2), ``disc``, ``bn`` (momentum), ``config`` (train overrides).
+#: name -> how it differs: ``loss`` (eq2), ``disc``, ``bn`` (momentum), ``grey`` (the share of training
+#: crops turned grey), ``stroma`` (the channel stromal nuclei are imported into), ``config`` (train overrides).
 VARIANTS: dict[str, dict] = {
     "eq2": {"loss": "eq2"}, "authors": {}, "authors_d12.5": {"disc": 12.5}, "authors_bn0.99": {"bn": 0.99},
     "stain_aug": {"config": {"stain_aug": True}}, "macenko": {"config": {"stain_norm": "macenko"}},
@@ -57,6 +60,7 @@ VARIANTS: dict[str, dict] = {
     "tissue_cpu_region": {"config": {"preset": "tissue-cpu", "crop": 256, "batch_size": 2}},
     "tissue_cpu_region_reinhard": {"config": {"preset": "tissue-cpu", "crop": 256, "batch_size": 2,
                                               "stain_norm": "reinhard"}},
+    "grey": {"grey": 0.5},
 }
 REFERENCE_DISC = 15.0
 #: BRCA-M2C's label codes; stromal nuclei have no cellnet channel (used here to measure false malignant calls).
@@ -132,9 +136,28 @@ def train_one(prepared: Path, run: Path, spec: dict, epochs: int | None, seed: i
         losses.soft_jaccard = eq2_jaccard
     if "bn" in spec:
         backbone.BN_MOMENTUM = decoders.BN_MOMENTUM = float(spec["bn"])
+    if "grey" in spec:
+        greyed_augmentation(float(spec["grey"]))
     values = {"preset": "cpu", **({"epochs": epochs} if epochs else {}), **spec.get("config", {})}
     train_segmentation(make_config("segmentation", data=str(prepared), run=str(run), seed=seed,
                                    progress=False, **values))
+
+
+def greyed_augmentation(share: float) -> None:
+    """Make ``BatchAugment`` turn ``share`` of each batch's images grey after its other ops (this
+    process only: a variant under test, not a product option)."""
+    import tensorflow as tf
+
+    from cellnet.data.augment import BatchAugment
+
+    stain = BatchAugment.stain
+
+    def stain_then_grey(self, images, batch):
+        images = stain(self, images, batch)
+        grey = tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(images))
+        return tf.where((self._uniform((batch,)) < share)[:, None, None, None], grey, images)
+
+    BatchAugment.stain = stain_then_grey
 
 
 def label_rows(src: Path, name: str) -> np.ndarray:
