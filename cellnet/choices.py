@@ -17,6 +17,9 @@ REGRESSION_ACTIVATIONS: tuple[str, ...] = ("linear", "sigmoid")
 STAIN_NORMS: tuple[str, ...] = ("none", "reinhard", "macenko")
 #: Test-time augmentation built into an export (``cellnet.models.tta``): 1, 2 and 8 variants.
 TTA_MODES: tuple[str, ...] = ("none", "flips", "d4")
+#: Which of a run's models an export serves: ``best.keras`` (the epoch with the best validation
+#: loss) or ``last.keras`` (the last epoch; for cascade and GBT runs the two are the same model).
+CHECKPOINTS: tuple[str, ...] = ("best", "last")
 #: Compute precision of an export (``cellnet.serving.export.with_precision``); I/O stays uint8/float32.
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16")
 #: Suffixes of PyTorch-world ResNet34 files (torchvision ``.pth``, timm ``.safetensors``).

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from cellnet.choices import (
-    ARCHS, BEAM_RUNNERS, DECODERS, HEADS, PRECISIONS, REGRESSION_ACTIVATIONS, STAIN_NORMS, TTA_MODES, UNITS)
+    ARCHS, BEAM_RUNNERS, CHECKPOINTS, DECODERS, HEADS, PRECISIONS, REGRESSION_ACTIVATIONS, STAIN_NORMS, TTA_MODES,
+    UNITS)
 from cellnet.quiet import import_tensorflow
 from cellnet.training.presets import PRESETS
 
@@ -155,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xla", action="store_true",
                    help="compile the model with XLA inside the SavedModel (faster small batches; TF Serving "
                         "on CPU then needs --xla_cpu_compilation_enabled=true; not for GBT runs)")
+    p.add_argument("--checkpoint", default="best", choices=CHECKPOINTS,
+                   help="which of each run's models: best.keras, the epoch with the best validation loss "
+                        "(default), or last.keras, the last epoch (higher malignant Jaccard on held-out "
+                        "hospitals in leave-one-site-out: README, real tissue)")
     p.add_argument("--out", required=True, help="saved_models/NAME")
     p.add_argument("--version", type=int, help="version number (default: next free)")
 
@@ -243,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
         from cellnet.serving.export import export_run, parse_weights
         path = export_run(args.run, args.out, version=args.version, tta=args.tta,
                           weights=parse_weights(args.weights, len(args.run)), precision=args.precision,
-                          xla=args.xla)
+                          xla=args.xla, checkpoint=args.checkpoint)
         print(f"exported {path}")
     elif args.command == "predict":
         from cellnet.serving.predict import predict

@@ -186,7 +186,7 @@ def composition(src: Path) -> str:
     return "\n".join(lines)
 
 
-def score(run: Path, reference: Path, imported: Path, src: Path) -> dict:
+def score(run: Path, reference: Path, imported: Path, src: Path, checkpoint: str = "best") -> dict:
     from cellnet.quiet import import_tensorflow
 
     import_tensorflow()
@@ -199,7 +199,7 @@ def score(run: Path, reference: Path, imported: Path, src: Path) -> dict:
     from cellnet.training.runs import load_run_model
 
     regions = {r.name: r for r in read_regions(imported, Problems("fail"))}
-    model = load_run_model(run)
+    model = load_run_model(run, checkpoint)
     inter, union = np.zeros(4, np.int64), np.zeros(4, np.int64)
     det = {c: np.zeros(3, np.int64) for c in CELL_CLASSES}  # tp, predicted, annotated
     malignant, lymphocyte = CLASSES.index("malignant"), CLASSES.index("lymphocyte")
@@ -240,6 +240,8 @@ def main() -> None:
     parser.add_argument("--sites", nargs="+", default=list(SITES), choices=SITES,
                         help="the folds to run (the held-out sites); the summary needs all three")
     parser.add_argument("--rescore", action="store_true", help="score finished runs again (no training)")
+    parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                        help="score each run's best.keras (chosen on the inner validation) or its last.keras")
     parser.add_argument("--results", default="results.json", help="file under --work to keep the figures in")
     parser.add_argument("--composition", action="store_true",
                         help="print each site's regions and annotated nuclei per class, and stop")
@@ -255,7 +257,7 @@ def main() -> None:
         prepared, run, spec, reference = args.one
         if not (Path(run) / "best.keras").is_file():
             train_one(Path(prepared), Path(run), json.loads(spec), args.epochs, args.seeds[0])
-        print(json.dumps(score(Path(run), Path(reference), imported, src)))
+        print(json.dumps(score(Path(run), Path(reference), imported, src, args.checkpoint)))
         return
     import_once(src, imported)  # every variant's points are scored against the plain import
     results_path = work / args.results
@@ -280,7 +282,7 @@ def main() -> None:
                                         "--out", str(path), "--disc", str(d), "--quiet"], check=True)
                 epochs = ["--epochs", str(args.epochs)] if args.epochs else []
                 done = subprocess.run([sys.executable, "-m", "evaluate.site_ab", "--work", str(work),
-                                       "--src", str(src), *epochs,
+                                       "--src", str(src), *epochs, "--checkpoint", args.checkpoint,
                                        "--seeds", str(seed), "--one",
                                        str(prepared), str(fold / "runs" / name), json.dumps(spec), str(reference)],
                                       check=True, capture_output=True, text=True)

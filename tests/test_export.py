@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -427,3 +428,23 @@ def test_xla_export_serves_the_same_outputs_and_refuses_the_gbt(exported, tmp_pa
     with pytest.raises(CellnetError, match="--xla: the GBT's 81 features"):
         export_run(root / "gbt", tmp_path / "gbt_xla", xla=True)
     assert not (tmp_path / "gbt_xla" / "1").exists()
+
+
+def test_checkpoint_last_exports_last_keras_and_says_so(exported, tmp_path):
+    """``--checkpoint last`` serves the run's last.keras, not best.keras; a run without one is refused in one line."""
+    run = tmp_path / "runs" / "regression"
+    shutil.copytree(exported["root"] / "runs" / "regression", run)
+    last = keras.saving.load_model(run / "best.keras", compile=False)
+    _raw_head(last, 0.5)  # another model: about 0.5 everywhere
+    last.save(run / "last.keras")
+    images = exported["small"]
+    for checkpoint, want in (("best", exported["expected"]["regression"]["cellularity"]),
+                             ("last", np.clip(np.asarray(last(graph_preprocess(images)))[:, 0], 0, 1))):
+        path = export_run(run, tmp_path / checkpoint, checkpoint=checkpoint)
+        assert json.loads((path / "assets" / "cellnet.json").read_text())["checkpoint"] == checkpoint
+        np.testing.assert_allclose(_serve(path, images)["cellularity"], want, atol=TOLERANCE)
+    (run / "last.keras").unlink()
+    with pytest.raises(CellnetError, match="has no last.keras"):
+        export_run(run, tmp_path / "missing", checkpoint="last")
+    with pytest.raises(CellnetError, match="--checkpoint 'first'"):
+        export_run(run, tmp_path / "unknown", checkpoint="first")

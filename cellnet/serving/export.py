@@ -48,7 +48,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from cellnet.choices import PRECISIONS
+from cellnet.choices import CHECKPOINTS, PRECISIONS
 from cellnet.errors import CellnetError, bad
 from cellnet.files import atomic_dir, writing
 from cellnet.models.tta import Averaged, Member, member_output, symmetries
@@ -177,16 +177,16 @@ def bytes_fn(serve: tf.types.experimental.GenericFunction) -> tf.types.experimen
 
 # ----------------------------------------------------------------------------- export
 
-def _load(run: Path, kind: str) -> keras.Model:
+def _load(run: Path, checkpoint: str) -> keras.Model:
     from cellnet.training.runs import load_run_model
 
     try:
-        return load_run_model(run)
+        return load_run_model(run, checkpoint)
     except CellnetError:
         raise
-    except Exception as exc:  # a damaged best.keras is the run's file problem, reported in one line
-        raise bad(run / "best.keras", f"damaged or not a Keras model file ({type(exc).__name__}); "
-                                      "resume or retrain the run") from None
+    except Exception as exc:  # a damaged model file is the run's file problem, reported in one line
+        raise bad(run / f"{checkpoint}.keras", f"damaged or not a Keras model file ({type(exc).__name__}); "
+                                               "resume or retrain the run") from None
 
 
 def served_outputs(kind: str, tta: str = "none", members: int = 1, all_classification: bool = False) -> list[str]:
@@ -302,7 +302,7 @@ def _run_kind(run: Path) -> tuple[str, dict]:
 
 def export_run(run: str | os.PathLike | list, out: str | os.PathLike, version: int | None = None,
                tta: str = "none", weights: list[float] | None = None, precision: str = "float32",
-               xla: bool = False) -> Path:
+               xla: bool = False, checkpoint: str = "best") -> Path:
     """Export a run's ``best.keras`` (or several runs' as one ensemble) to ``out/<version>/``.
 
     ``out`` is ``saved_models/<name>``; ``version`` defaults to the next free number (from 1) and
@@ -310,12 +310,16 @@ def export_run(run: str | os.PathLike | list, out: str | os.PathLike, version: i
     (SR cascade, GBT, direct regression or classification); ``weights`` default to equal.
     ``precision`` bfloat16 or float16 computes in reduced precision (``with_precision``); ``xla``
     compiles the models with XLA (TF Serving then needs ``--xla_cpu_compilation_enabled=true`` on CPUs).
+    ``checkpoint`` "last" exports each run's ``last.keras`` instead: the last epoch's weights, which
+    scored a higher malignant Jaccard on held-out hospitals than the validation-chosen ones (README).
     """
     runs = [Path(r) for r in (run if isinstance(run, (list, tuple)) else [run])]
     out = Path(out)
     symmetries(tta)
     if precision not in PRECISIONS:
         raise CellnetError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if checkpoint not in CHECKPOINTS:
+        raise CellnetError(f"--checkpoint {checkpoint!r}: expected one of {', '.join(CHECKPOINTS)}")
     weights = weights or [1.0] * len(runs)
     if len(weights) != len(runs):
         raise CellnetError(f"--weights: {len(weights)} weight(s) for {len(runs)} --run(s); give one per run")
@@ -326,13 +330,14 @@ def export_run(run: str | os.PathLike | list, out: str | os.PathLike, version: i
                 raise bad(r, f"is a {kind} run; an ensemble averages cellularity, so every --run must be "
                              f"one of {', '.join(CELLULARITY_KINDS)}")
     target, version = _target(out, version)
-    members = [Member(with_precision(_load(r, kind), precision), kind, w)
+    members = [Member(with_precision(_load(r, checkpoint), precision), kind, w)
                for r, (kind, _), w in zip(runs, kinds, weights)]
     if len(runs) == 1:
         return export_model(members[0].model, members[0].kind, target,
                             {"version": version, "run": str(runs[0].resolve()), "run_info": kinds[0][1],
-                             "precision": precision}, tta=tta, xla=xla)
+                             "precision": precision, "checkpoint": checkpoint}, tta=tta, xla=xla)
     listed = [{"output": member_output(i), "run": str(r.resolve()), "kind": kind, "weight": w / sum(weights),
                "run_info": info} for i, (r, (kind, info), w) in enumerate(zip(runs, kinds, weights))]
-    return export_members(members, target, {"version": version, "members": listed, "precision": precision},
+    return export_members(members, target, {"version": version, "members": listed, "precision": precision,
+                                            "checkpoint": checkpoint},
                           tta=tta, xla=xla)
