@@ -1,6 +1,7 @@
 """Leave-one-site-out A/B of segmentation training choices on BRCA-M2C (developer measurement).
 
 ``python -m evaluate.site_ab --src ../shared/real/brca-m2c --work /tmp/loso --epochs 30 --seeds 0 1 2``
+(then ``--rescore --checkpoint last --results last.json`` scores the same runs' last epochs)
 
 Each fold holds out one TCGA tissue-source site (A7, A8, AC: characters 6-7 of the barcode)
 and trains on the other two, so no site or patient is on both sides. The run's own validation
@@ -44,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cellnet.choices import CHECKPOINTS
 from cellnet.classes import BRCA_M2C_CODES
 
 SITES = ("A7", "A8", "AC")
@@ -240,7 +242,7 @@ def main() -> None:
     parser.add_argument("--sites", nargs="+", default=list(SITES), choices=SITES,
                         help="the folds to run (the held-out sites); the summary needs all three")
     parser.add_argument("--rescore", action="store_true", help="score finished runs again (no training)")
-    parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
+    parser.add_argument("--checkpoint", choices=CHECKPOINTS, default="best",
                         help="score each run's best.keras (chosen on the inner validation) or its last.keras")
     parser.add_argument("--results", default="results.json", help="file under --work to keep the figures in")
     parser.add_argument("--composition", action="store_true",
