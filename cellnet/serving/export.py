@@ -177,18 +177,6 @@ def bytes_fn(serve: tf.types.experimental.GenericFunction) -> tf.types.experimen
 
 # ----------------------------------------------------------------------------- export
 
-def _load(run: Path, checkpoint: str) -> keras.Model:
-    from cellnet.training.runs import load_run_model
-
-    try:
-        return load_run_model(run, checkpoint)
-    except CellnetError:
-        raise
-    except Exception as exc:  # a damaged model file is the run's file problem, reported in one line
-        raise bad(run / f"{checkpoint}.keras", f"damaged or not a Keras model file ({type(exc).__name__}); "
-                                               "resume or retrain the run") from None
-
-
 def served_outputs(kind: str, tta: str = "none", members: int = 1, all_classification: bool = False) -> list[str]:
     """The named outputs an export of ``kind`` serves (the order ``assets/cellnet.json`` lists)."""
     if kind != "ensemble":
@@ -303,7 +291,7 @@ def _run_kind(run: Path) -> tuple[str, dict]:
 def export_run(run: str | os.PathLike | list, out: str | os.PathLike, version: int | None = None,
                tta: str = "none", weights: list[float] | None = None, precision: str = "float32",
                xla: bool = False, checkpoint: str = "best") -> Path:
-    """Export a run's ``best.keras`` (or several runs' as one ensemble) to ``out/<version>/``.
+    """Export a run's ``best.keras`` or ``last.keras`` (or several runs' as one ensemble) to ``out/<version>/``.
 
     ``out`` is ``saved_models/<name>``; ``version`` defaults to the next free number (from 1) and
     an existing version is refused, never overwritten. Several runs must all output cellularity
@@ -330,7 +318,9 @@ def export_run(run: str | os.PathLike | list, out: str | os.PathLike, version: i
                 raise bad(r, f"is a {kind} run; an ensemble averages cellularity, so every --run must be "
                              f"one of {', '.join(CELLULARITY_KINDS)}")
     target, version = _target(out, version)
-    members = [Member(with_precision(_load(r, checkpoint), precision), kind, w)
+    from cellnet.training.runs import load_run_model
+
+    members = [Member(with_precision(load_run_model(r, checkpoint), precision), kind, w)
                for r, (kind, _), w in zip(runs, kinds, weights)]
     if len(runs) == 1:
         return export_model(members[0].model, members[0].kind, target,

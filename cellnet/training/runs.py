@@ -199,11 +199,16 @@ def timed(run: Path, key: str):
 def load_run_model(run: str | Path, which: str = "best") -> keras.Model:
     """The trained model of a run folder (``best.keras`` or ``last.keras``).
 
-    Importing :mod:`cellnet.models` registers the custom classes the file needs.
+    Importing :mod:`cellnet.models` registers the custom classes the file needs. A missing or
+    damaged file is the run's problem, reported in one line that names it.
     """
     import cellnet.models  # noqa: F401  (registration of the custom classes)
 
     path = Path(run) / f"{which}.keras"
     if not path.is_file():
         raise bad(run, f"has no {which}.keras (is the run finished? `cellnet train ... --run {run}` resumes it)")
-    return keras.saving.load_model(path, compile=False)
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as exc:
+        raise bad(path, f"damaged or not a Keras model file ({type(exc).__name__}); "
+                        "resume or retrain the run") from None
