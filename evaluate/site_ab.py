@@ -33,7 +33,9 @@ seed and budget):
 - ``tissue_cpu_stroma``: ``tissue-cpu`` trained with BRCA-M2C's stromal nuclei as a class of their
   own (imported into the ``normal`` channel, which BRCA-M2C leaves empty) instead of background;
 - ``grey``: ``authors`` with half of the training crops turned grey (luminance in all three
-  channels, after the other augmentations), so that the network cannot rest on stain colour alone.
+  channels, after the other augmentations), so that the network cannot rest on stain colour alone;
+- ``wide``, ``wider``: ``authors`` at width 0.5 and 1.0 instead of the ``cpu`` preset's 0.25
+  (twice and four times the channels in every layer); ``tissue_cpu_wide``: ``tissue-cpu`` at width 0.5.
 """
 from __future__ import annotations
 
@@ -63,6 +65,8 @@ VARIANTS: dict[str, dict] = {
     "tissue_cpu_region_reinhard": {"config": {"preset": "tissue-cpu", "crop": 256, "batch_size": 2,
                                               "stain_norm": "reinhard"}},
     "grey": {"grey": 0.5},
+    "wide": {"config": {"width": 0.5}}, "wider": {"config": {"width": 1.0}},
+    "tissue_cpu_wide": {"config": {"preset": "tissue-cpu", "width": 0.5}},
 }
 REFERENCE_DISC = 15.0
 #: BRCA-M2C's label codes; stromal nuclei have no cellnet channel (used here to measure false malignant calls).
