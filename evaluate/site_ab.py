@@ -35,7 +35,7 @@ seed and budget):
 - ``grey``: ``authors`` with half of the training crops turned grey (luminance in all three
   channels, after the other augmentations), so that the network cannot rest on stain colour alone;
 - ``wide``, ``wider``: ``authors`` at width 0.5 and 1.0 instead of the ``cpu`` preset's 0.25
-  (twice and four times the channels in every layer); ``tissue_cpu_wide``: ``tissue-cpu`` at width 0.5.
+  (twice and four times the channels in every layer).
 """
 from __future__ import annotations
 
@@ -66,7 +66,6 @@ VARIANTS: dict[str, dict] = {
                                               "stain_norm": "reinhard"}},
     "grey": {"grey": 0.5},
     "wide": {"config": {"width": 0.5}}, "wider": {"config": {"width": 1.0}},
-    "tissue_cpu_wide": {"config": {"preset": "tissue-cpu", "width": 0.5}},
 }
 REFERENCE_DISC = 15.0
 #: BRCA-M2C's label codes; stromal nuclei have no cellnet channel (used here to measure false malignant calls).
