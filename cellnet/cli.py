@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stain normalisation fitted once and built into the model, so evaluation and the "
                         "export normalise as training did (default none)")
     t.add_argument("--stain-ref", metavar="DIR", help="images to fit --stain-norm on (default: the training regions)")
+    t.add_argument("--jaccard-weight", type=float, metavar="A",
+                   help="the loss's soft-Jaccard weight a in (1 - a) BCE - a J (default: the preset's; "
+                        "the paper's 0.15)")
     t = tsub.add_parser("cellularity", help="direct cellularity model, or the SR cascade with --seg")
     _common_train(t)
     _unit(t)

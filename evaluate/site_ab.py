@@ -35,7 +35,10 @@ seed and budget):
 - ``grey``: ``authors`` with half of the training crops turned grey (luminance in all three
   channels, after the other augmentations), so that the network cannot rest on stain colour alone;
 - ``wide``, ``wider``: ``authors`` at width 0.5 and 1.0 instead of the ``cpu`` preset's 0.25
-  (twice and four times the channels in every layer).
+  (twice and four times the channels in every layer);
+- ``alpha0.5``: ``authors`` with the loss's soft-Jaccard weight a 0.5 (``--jaccard-weight``) instead of the paper's 0.15
+  (on held-out sites the 0.15 runs' maps cover a third of the annotated lymphocyte discs at 0.5);
+  ``alpha1.0``: the soft Jaccard alone; ``tissue_cpu_alpha0.5``: a 0.5 in the ``tissue-cpu`` preset.
 """
 from __future__ import annotations
 
@@ -66,6 +69,9 @@ VARIANTS: dict[str, dict] = {
                                               "stain_norm": "reinhard"}},
     "grey": {"grey": 0.5},
     "wide": {"config": {"width": 0.5}}, "wider": {"config": {"width": 1.0}},
+    "alpha0.5": {"config": {"jaccard_weight": 0.5}},
+    "alpha1.0": {"config": {"jaccard_weight": 1.0}},
+    "tissue_cpu_alpha0.5": {"config": {"preset": "tissue-cpu", "jaccard_weight": 0.5}},
 }
 REFERENCE_DISC = 15.0
 #: BRCA-M2C's label codes; stromal nuclei have no cellnet channel (used here to measure false malignant calls).

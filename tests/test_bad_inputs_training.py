@@ -80,7 +80,8 @@ def committed(run: Path, phase: str = "main") -> int:
 OPTIONS = [("segmentation", "--batch-size", "0"), ("segmentation", "--batch-size", "-2"),
            ("cellularity", "--batch-size", "0"), ("segmentation", "--epochs", "0"),
            ("cellularity", "--epochs", "-1"), ("segmentation", "--seed", "-1"),
-           ("segmentation", "--ema", "1"), ("cellularity", "--ema", "-0.5")]
+           ("segmentation", "--ema", "1"), ("cellularity", "--ema", "-0.5"),
+           ("segmentation", "--jaccard-weight", "1.5"), ("segmentation", "--jaccard-weight", "-0.1")]
 
 
 def option_case(task: str, flag: str, value: str) -> Case:

@@ -4,8 +4,11 @@ from __future__ import annotations
 import csv
 import math
 
-from evaluate.site_ab import (INNER_VAL_EVERY, SITES, composition, label_rows, make_fold, patient_of, run_name,
-                              site_of, summary)
+import pytest
+
+from cellnet.training.config import make_config
+from evaluate.site_ab import (INNER_VAL_EVERY, SITES, VARIANTS, composition, label_rows, make_fold, patient_of,
+                              run_name, site_of, summary)
 
 
 def _imported(root, patients_per_site: int = 5, images_per_patient: int = 2):
@@ -23,6 +26,13 @@ def _imported(root, patients_per_site: int = 5, images_per_patient: int = 2):
 def _split(folder):
     with open(folder / "cells" / "split.csv") as f:
         return {row["name"]: row["split"] for row in csv.DictReader(f)}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_is_a_valid_training_configuration(variant):
+    """A misspelt override would otherwise surface only after the other variants' hours of training."""
+    values = {"preset": "cpu", **VARIANTS[variant].get("config", {})}
+    make_config("segmentation", data="data", run="run", **values).resolve()
 
 
 def test_fold_holds_out_one_site_and_validates_on_whole_patients_of_the_others(tmp_path):

@@ -27,6 +27,7 @@ def test_segmentation_run_folder(tiny_seg_run):
     assert history["learning_rate"].iloc[-1] < history["learning_rate"].iloc[0]
     config = json.loads((tiny_seg_run / "config.json").read_text())
     assert config["width"] == 0.125 and config["lr"] == 2e-3  # preset values resolved into the file
+    assert config["jaccard_weight"] == 0.15  # the paper's a, from the preset
     assert not (tiny_seg_run / "backup" / "main").exists() or not any((tiny_seg_run / "backup" / "main").iterdir())
 
 
@@ -188,6 +189,26 @@ def test_stain_normalisation_is_fitted_once_kept_in_the_run_and_built_into_the_m
     model = keras.saving.load_model(run / "best.keras", compile=False)
     assert model.get_config()["stain_norm"] == {"method": "reinhard", "params": record["params"]}
     assert model.get_layer("stain_norm").__class__.__name__ == "ReinhardNormalization"
+
+
+class LossBuilt(Exception):
+    """Raised by a spy loss once it is built: the test needs no training step."""
+
+
+@pytest.mark.parametrize("weight", [0.5, 1.0])
+def test_jaccard_weight_is_the_loss_alpha(synth_prepared, tmp_path, monkeypatch, weight):
+    from cellnet.training import losses
+
+    class Spy(losses.SegmentationLoss):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            raise LossBuilt(self.alpha)
+
+    monkeypatch.setattr(losses, "SegmentationLoss", Spy)
+    with pytest.raises(LossBuilt) as built:
+        train_segmentation(tiny_config("segmentation", synth_prepared, tmp_path / "seg", jaccard_weight=weight))
+    assert built.value.args == (weight,)
+    assert json.loads((tmp_path / "seg" / "config.json").read_text())["jaccard_weight"] == weight
 
 
 @pytest.mark.parametrize("values, needle", [

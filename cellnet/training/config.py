@@ -25,7 +25,8 @@ FLAGS = {"preset": "--preset", "decoder": "--decoder", "unit": "--unit", "disc":
          "init": "--init", "strategy": "--strategy", "precision": "--precision", "jit": "--jit",
          "augment_on": "--augment-on", "on_bad": "--on-bad", "group_by": "--group-by",
          "stain_norm": "--stain-norm", "stain_ref": "--stain-ref", "stain_aug": "--stain-aug", "hed": "--hed", "brightness": "--brightness", "contrast": "--contrast",
-         "blur": "--blur", "blur_prob": "--blur-prob", "noise": "--noise", "ema": "--ema"}
+         "blur": "--blur", "blur_prob": "--blur-prob", "noise": "--noise", "ema": "--ema",
+         "jaccard_weight": "--jaccard-weight"}
 
 
 def _flag(name: str) -> str:
@@ -150,9 +151,14 @@ class SegmentationConfig(NetworkConfig):
     #: ``stain_ref`` (a folder of images) or, without it, on the training regions.
     stain_norm: str | None = None
     stain_ref: str | None = None
+    #: The loss's soft-Jaccard weight a in (1 - a) BCE - a J (paper eq. 3: 0.15).
+    jaccard_weight: float | None = None
 
     def validate(self) -> None:
         super().validate()
+        if self.jaccard_weight is not None and not (isinstance(self.jaccard_weight, (int, float))
+                                                    and 0 <= self.jaccard_weight <= 1):
+            raise CellnetError(f"--jaccard-weight: must be in [0, 1] (the paper's 0.15), got {self.jaccard_weight}")
         if self.stain_norm not in (None, *STAIN_NORMS):
             raise CellnetError(f"--stain-norm: expected one of {', '.join(STAIN_NORMS)}, got {self.stain_norm!r}")
         if self.stain_ref is not None:

@@ -146,7 +146,7 @@ def train_segmentation(cfg: SegmentationConfig) -> dict:
                                    stain=stain)
         trainer.compile(
             optimizer=adam(lr_schedule(cfg.lr, cfg.lr_final, cfg.epochs * steps), cfg.ema),
-            loss=SegmentationLoss(),
+            loss=SegmentationLoss(alpha=cfg.jaccard_weight),
             metrics=[ClassJaccard(CLASSES.index(c), name=f"jaccard_{c}") for c in CELL_CLASSES],
             jit_compile=cfg.jit)
         trainer(tf.zeros([1, cfg.crop, cfg.crop, 3], tf.uint8))
