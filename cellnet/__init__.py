@@ -10,4 +10,4 @@ TensorFlow, so ``cellnet --help`` answers at once; importing :mod:`cellnet.model
 every custom Keras object, after which ``keras.saving.load_model`` reloads any cellnet
 ``.keras`` file.
 """
-__version__ = "0.9.0"
+__version__ = "0.10.0"
